@@ -13,7 +13,7 @@ SHARED_DATA := $(wildcard ../shared/data)
 TEST_ENV := LDM_COURSE_SCALE=ci HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg $(if $(SHARED_DATA),LDM_COURSE_DATA=$(abspath $(SHARED_DATA)),)
 NB_WORKERS ?= 2
 
-.PHONY: setup demo test test-nbs test-py docs-check docs export clean-nbs readme
+.PHONY: setup demo test test-nbs test-py docs-check docs export execute
 
 $(BIN)/.installed: settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ test-py: setup
 
 docs-check: setup
 	$(TEST_ENV) $(BIN)/python tools/docs_check.py
+
+# run notebooks in place so their outputs (figures, tables) are committed for the docs:
+#   make execute SCALE=cpu NBS="nbs/02_schedules.ipynb nbs/07_samplers.ipynb"
+SCALE ?= cpu
+NBS ?= $(wildcard nbs/*.ipynb)
+execute: setup
+	for nb in $(NBS); do echo "== $$nb ($(SCALE))"; (cd nbs && LDM_COURSE_SCALE=$(SCALE) MPLBACKEND=module://matplotlib_inline.backend_inline $(if $(SHARED_DATA),LDM_COURSE_DATA=$(abspath $(SHARED_DATA)),) ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 $$(basename $$nb)) || exit 1; done
+	$(BIN)/nbdev_clean
 
 # the real docs site (needs Quarto: https://quarto.org)
 docs: setup

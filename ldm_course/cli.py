@@ -36,8 +36,7 @@ def info() -> dict:
 def demo(out: str | Path = "out", epochs: int | None = None, n_train: int | None = None) -> dict:
     "Train the classifier briefly on the course dataset; save `out/demo_predictions.png`; return a summary."
     import torch
-    import matplotlib
-    matplotlib.use("Agg")
+    import matplotlib.pyplot
     from ldm_course.data import by_scale, show_images
     from ldm_course.learner import MetricsCB, train_classifier
     out = Path(out)
@@ -52,7 +51,8 @@ def demo(out: str | Path = "out", epochs: int | None = None, n_train: int | None
     for ax, ok in zip(fig.axes, (pred == yb[:32]).tolist()):
         ax.title.set_color("green" if ok else "red")
     path = out / "demo_predictions.png"
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=72, bbox_inches="tight")
+    matplotlib.pyplot.close(fig)
     acc = learn.find_cb(MetricsCB).history[-1]["valid_accuracy"]
     return {"figure": str(path), "valid_accuracy": round(acc, 4), "dataset": learn.train_dl.dataset.name,
             "seconds": round(time.time() - t0, 1)}
@@ -94,13 +94,12 @@ def run(argv: list[str] | None = None) -> object:
         return demo(args.out, args.epochs)
     if args.command == "train":
         _positive("epochs", args.epochs)
-        from ldm_course.learner import MetricsCB, train_classifier
+        from ldm_course.metrics import train_fid_classifier
         out = Path(args.out or f"out/{args.what}.safetensors")
         if out.suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {out}")
-        model, learn = train_classifier(epochs=args.epochs)
-        model.save_pretrained(out, extra={"history": learn.find_cb(MetricsCB).history})
-        return {"weights": str(out)}
+        model, summary = train_fid_classifier(out=out, epochs=args.epochs, command="ldm-course " + " ".join(argv or sys.argv[1:]))
+        return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
     if args.command == "bench":
         if args.what == "unet":
             from ldm_course.unet import bench_unet, format_bench

@@ -39,3 +39,9 @@ def test_modules_match_notebooks():
 def test_console_script_help():
     out = subprocess.run([str(Path(sys.executable).with_name("ldm-course")), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_readme_is_generated_from_index():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "tools" / "make_readme.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
