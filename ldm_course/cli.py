@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["unet", "attention"])
     b.add_argument("--json", default=None, help="also write the rows as JSON here")
     b.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
+    b.add_argument("--config", default="small", help="UNet config for `bench unet` (see ldm_course.unet.UNET_CONFIGS)")
     return p
 
 
@@ -103,14 +104,16 @@ def run(argv: list[str] | None = None) -> object:
     if args.command == "bench":
         if args.what == "unet":
             from ldm_course.unet import bench_unet, format_bench
-        else:
-            from ldm_course.attention import bench_attention as bench_unet
-            format_bench = None
-        rows = bench_unet(device=args.device, json_path=args.json) if args.what == "unet" else bench_unet(device=args.device)
-        if format_bench is not None:
+            rows = [r for cross in (False, True) for r in bench_unet(args.config, device=args.device, cross_attention=cross)]
             print(format_bench(rows))
-        return rows
-
+        else:
+            from ldm_course.attention import bench_attention, bench_table
+            rows = bench_attention(device=args.device)
+            print(bench_table(rows))
+        if args.json:
+            from ldm_course.learner import save_json
+            save_json(rows, args.json)
+        return {"rows": len(rows), "json": args.json}
 
 def main(argv: list[str] | None = None) -> int:
     "Console entry point `ldm-course`: one line of error and exit status 2 for bad input, no traceback."

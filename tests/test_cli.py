@@ -39,3 +39,10 @@ def test_bad_args_one_line_no_traceback():
 def test_unknown_command():
     out = _cli("paint")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_bench_unet_tiny(tmp_path):
+    out = _cli("bench", "unet", "--config", "tiny", "--device", "cpu", "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert len(rows) >= 4 and "|" in out.stdout
