@@ -49,7 +49,7 @@ docs-check: setup
 SCALE ?= cpu
 NBS ?= $(wildcard nbs/*.ipynb)
 execute: setup
-	for nb in $(NBS); do echo "== $$nb ($(SCALE))"; (cd nbs && LDM_COURSE_SCALE=$(SCALE) MPLBACKEND=module://matplotlib_inline.backend_inline $(if $(SHARED_DATA),LDM_COURSE_DATA=$(abspath $(SHARED_DATA)),) ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 $$(basename $$nb)) || exit 1; done
+	for nb in $(NBS); do echo "== $$nb ($(SCALE))"; (cd nbs && OMP_NUM_THREADS=1 LDM_COURSE_SCALE=$(SCALE) MPLBACKEND=module://matplotlib_inline.backend_inline $(if $(SHARED_DATA),LDM_COURSE_DATA=$(abspath $(SHARED_DATA)),) ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 $$(basename $$nb)) || exit 1; done
 	$(BIN)/nbdev_clean
 
 # the real docs site (needs Quarto: https://quarto.org)
