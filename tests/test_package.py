@@ -45,3 +45,9 @@ def test_readme_is_generated_from_index():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "tools" / "make_readme.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_sidebar_lists_every_notebook():
+    root = Path(__file__).resolve().parents[1]
+    listed = {l.strip()[2:] for l in (root / "nbs" / "sidebar.yml").read_text().splitlines() if l.strip().startswith("- ")}
+    assert listed == {p.name for p in (root / "nbs").glob("*.ipynb")}

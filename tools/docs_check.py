@@ -56,8 +56,9 @@ def build() -> Path:
 
 def check(site: Path, titles: dict[str, str], screenshot: Path) -> list[str]:
     from playwright.sync_api import sync_playwright
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+    handler = functools.partial(Quiet, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
@@ -75,8 +76,11 @@ def check(site: Path, titles: dict[str, str], screenshot: Path) -> list[str]:
             page_title, body = page.title(), page.inner_text("body")
             imgs = page.eval_on_selector_all("main img, #quarto-content img, body img",
                                              "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
-            broken = [s for s, ok in imgs if not ok]
-            n_ok = sum(ok for _, ok in imgs)
+            local = [(s, ok) for s, ok in imgs if not (s or "").startswith(("http://", "https://"))]  # offline: skip remote badges
+            broken = [s for s, ok in local if not ok]
+            n_ok = sum(ok for _, ok in local)
+            if not page.query_selector("a[href*='colab.research.google.com']"):
+                problems.append(f"{stem}: no Colab badge link")
             if title.split("—")[-1].strip().lower() not in (page_title + body[:2000]).lower():
                 problems.append(f"{stem}: title {title!r} not on the page (page title {page_title!r})")
             if n_ok == 0: problems.append(f"{stem}: no figure shown")
