@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import by_scale, get_dataloaders, get_scale
-from .learner import (Callback, EMACB, GradClipCB, Learner, MetricsCB, OneCycleCB, Pretrained,
+from .learner import (Callback, CheckpointCB, EMACB, GradClipCB, Learner, MetricsCB, OneCycleCB, Pretrained,
                                 ProgressCB, load_tensors)
 from .samplers import PREDICTION_TYPES, sample
 from .schedules import NoiseSchedule
 from .unet import UNet, count_params, unet_config
 
 # %% auto #0
-__all__ = ['ddpm_targets', 'DDPMCallback', 'train_ddpm', 'load_ddpm', 'denoising_path_figure', 'image_grid', 'save_denoising_gif']
+__all__ = ['SHIPPED_DDPM', 'ddpm_targets', 'DDPMCallback', 'train_ddpm', 'weights_dir', 'load_ddpm', 'denoising_path_figure',
+           'image_grid', 'write_gif', 'save_denoising_gif']
 
 # %% ../nbs/06_ddpm.ipynb #c007
 def _check_prediction_type(prediction_type: str) -> str:
@@ -92,20 +93,26 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
                prediction_type: str = "epsilon", ema_decay: float | None = None,
                schedule: NoiseSchedule | None = None, class_cond: bool = False, seed: int = 0,
                progress: bool = True, out: str | Path | None = None,
-               max_steps: int | None = None) -> tuple[UNet, Learner, dict]:
+               max_steps: int | None = None, checkpoint: str | Path | None = None,
+               resume: bool = False, command: str | None = None) -> tuple[UNet, Learner, dict]:
     """Train a DDPM UNet on `dataset` (default: the course dataset); sizes default from the course scale.
 
-    `config`: a `UNET_CONFIGS` name or a full UNet config dict (default `tiny` / `small` / `base` at ci / cpu / gpu);
+    The defaults are the recipes of the course's models: at `cpu` scale the `mini` UNet, 8 epochs over all 60,000
+    Fashion-MNIST images (the shipped `fmnist_ddpm` weights, about an hour on 2 CPU cores); at `gpu` scale `base`,
+    30 epochs; at `ci` scale `tiny` on 256 images. Pass `epochs`, `n_train`, ... for a shorter run.
+    `config`: a `UNET_CONFIGS` name or a full UNet config dict (default `tiny` / `mini` / `base` at ci / cpu / gpu);
+    `checkpoint`: a file for a resumable checkpoint written after every epoch (and every 200 steps); `resume=True`
+    continues from it when it exists. `command`: how to rerun this, recorded in `info` (default: the Python call).
     `schedule`: default `NoiseSchedule("linear")` (T = 1000); `class_cond` trains a class-conditional UNet.
     Returns `(ema_model, learn, info)`: the EMA model in eval mode, the `Learner` (its `model` is the raw model,
     `find_cb(MetricsCB).history` the epoch rows) and a JSON-able `info` dict. With `out` (a `.safetensors` file or a
     folder) the EMA model is saved with `save_pretrained`, `info` beside it; `load_ddpm(out)` reads it back."""
     _check_prediction_type(prediction_type)
-    config = config or by_scale(ci="tiny", cpu="small", gpu="base")
-    epochs = epochs or by_scale(ci=1, cpu=1, gpu=30)
-    n_train = n_train if n_train is not None else by_scale(ci=256, cpu=10_000, gpu=None)  # cpu: ~80 steps, minutes
+    config = config or by_scale(ci="tiny", cpu="mini", gpu="base")
+    epochs = epochs or by_scale(ci=1, cpu=8, gpu=30)
+    n_train = n_train if n_train is not None else by_scale(ci=256, cpu=None, gpu=None)
     batch_size = batch_size or by_scale(ci=32, cpu=128, gpu=128)
-    ema_decay = ema_decay if ema_decay is not None else by_scale(ci=0.9, cpu=0.99, gpu=0.9999)
+    ema_decay = ema_decay if ema_decay is not None else by_scale(ci=0.9, cpu=0.999, gpu=0.9999)
     schedule = schedule or NoiseSchedule("linear")
     torch.manual_seed(seed)
     train_dl, valid_dl = get_dataloaders(dataset, batch_size, n_train=n_train, n_test=by_scale(64, 1000, None), seed=seed)
@@ -120,9 +127,11 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     metrics = MetricsCB()
     cbs = [DDPMCallback(schedule, prediction_type, class_cond=class_cond), metrics, OneCycleCB(lr), GradClipCB(1.0), ema]
     if progress: cbs.append(ProgressCB())
+    if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200))
     learn = Learner(model, (train_dl, valid_dl), F.mse_loss, lr=lr, cbs=cbs)
     start = time.time()
-    learn.fit(epochs, max_steps=max_steps)
+    resume_from = checkpoint if resume and checkpoint is not None and Path(checkpoint).exists() else None
+    learn.fit(epochs, max_steps=max_steps, resume_from=resume_from)
     seconds = time.time() - start
     args = dict(dataset=dataset, config=config, epochs=epochs, n_train=n_train, batch_size=batch_size, lr=lr,
                 prediction_type=prediction_type, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
@@ -131,8 +140,8 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
                 ema_decay=ema_decay, seconds=round(seconds, 1), hardware=_hardware(), scale=get_scale(),
                 prediction_type=prediction_type, schedule=schedule.config, class_cond=class_cond,
                 history=metrics.history, torch=torch.__version__,
-                command="from ldm_course.ddpm import train_ddpm; train_ddpm(" +
-                        ", ".join(f"{k}={v!r}" for k, v in args.items()) + f", out={str(out) if out else None!r})")
+                command=command or ("from ldm_course.ddpm import train_ddpm; train_ddpm(" +
+                        ", ".join(f"{k}={v!r}" for k, v in args.items()) + f", out={str(out) if out else None!r})"))
     ema_model = ema.ema_model.eval()
     if out is not None:
         ema_model.save_pretrained(out, extra={"prediction_type": prediction_type, "schedule": schedule.config,
@@ -141,12 +150,34 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     return ema_model, learn, info
 
 # %% ../nbs/06_ddpm.ipynb #c019
-def load_ddpm(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, NoiseSchedule, dict]:
+SHIPPED_DDPM = "fmnist_ddpm"  # the course's pixel-space DDPM, trained by `ldm-course --scale cpu train ddpm`
+
+
+def weights_dir() -> Path:
+    "The package folder of the shipped weights, `ldm_course/weights/`."
+    import importlib
+    return Path(importlib.import_module("ldm_course").__file__).parent / "weights"
+
+
+def _resolve_weights(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists() or p.suffix or len(p.parts) > 1:
+        return p
+    shipped = weights_dir() / f"{p.name}.safetensors"
+    if shipped.exists():
+        return shipped
+    names = sorted(f.stem for f in weights_dir().glob("*.safetensors"))
+    raise FileNotFoundError(f"{str(path)!r} is neither a file nor a shipped model; shipped models: {names} "
+                            f"(or give the path of a .safetensors file saved by train_ddpm)")
+
+
+def load_ddpm(path: str | Path = SHIPPED_DDPM, device: str | torch.device = "cpu") -> tuple[UNet, NoiseSchedule, dict]:
     """Load a model saved by `train_ddpm(out=path)`: returns `(model, schedule, info)`, the model in eval mode.
 
-    `path` is a `.safetensors` file (with its `.json` beside it) or a folder. A missing file raises
+    `path` is a `.safetensors` file (with its `.json` beside it), a folder, or the name of a shipped model
+    (default: `SHIPPED_DDPM`, the Fashion-MNIST DDPM in `ldm_course/weights/`). A missing file raises
     `FileNotFoundError`; a file that is not safetensors, or not a DDPM, raises `ValueError`."""
-    path = Path(path)
+    path = _resolve_weights(path)
     if path.is_file() and path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; load_ddpm reads only safetensors weights (never pickles)")
     weights = path if path.suffix == ".safetensors" else path / "model.safetensors"
@@ -160,7 +191,7 @@ def load_ddpm(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNe
         raise ValueError(f"{path} holds a {info.get('class')!r} without a noise schedule; expected a DDPM UNet saved by train_ddpm")
     return UNet.from_pretrained(path, device), NoiseSchedule(**info["schedule"]), info
 
-# %% ../nbs/06_ddpm.ipynb #c031
+# %% ../nbs/06_ddpm.ipynb #c034
 def _pick(n_frames: int, n_cols: int) -> list[int]:
     return sorted(set(np.linspace(0, n_frames - 1, min(n_cols, n_frames)).round().astype(int).tolist()))
 
@@ -196,7 +227,7 @@ def denoising_path_figure(model: nn.Module, schedule: NoiseSchedule, n: int = 4,
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06_ddpm.ipynb #c036
+# %% ../nbs/06_ddpm.ipynb #c039
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
     "Images `(B, C, H, W)` in [-1, 1] → one uint8 grid `(rows·(H+pad)+pad, cols·(W+pad)+pad, C)`, `nrow` per row."
     x = ((images.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -212,24 +243,36 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upsc
     return grid
 
 
-def save_denoising_gif(model: nn.Module, schedule: NoiseSchedule, path: str | Path, n: int = 16, steps: int = 25,
-                       sampler: str = "dpmpp_2m", seed: int = 0, fps: int = 10, hold_s: float = 1.0,
-                       image_size: int = 32, upscale: int = 2, prediction_type: str = "epsilon", **cond) -> Path:
-    """Sample `n` images (start noise from `seed`) and write a looping GIF to `path`: one grid of `x_t` per step
-    (`steps + 1` frames, the last held for `hold_s` seconds) at `fps` frames per second. Returns the path."""
+def write_gif(frames: Sequence[torch.Tensor] | torch.Tensor, path: str | Path, nrow: int | None = None, fps: int = 10,
+              hold_s: float = 1.0, upscale: int = 2) -> Path:
+    """Write `frames` (each a batch `(B, C, H, W)` in [-1, 1], e.g. `x_t` of every step) to a looping GIF at `path`:
+    one `image_grid` per frame at `fps` frames per second, the last frame held `hold_s` seconds longer."""
     from PIL import Image
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise ValueError(f"path must end with .gif; got {path.name!r}")
     if fps <= 0: raise ValueError(f"fps must be > 0; got {fps}")
+    if len(frames) == 0: raise ValueError("no frames to write")
+    nrow = nrow or max(1, math.ceil(math.sqrt(frames[0].shape[0])))
+    images = [Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
+              for g in (image_grid(x, nrow, upscale=upscale) for x in frames)]
+    durations = [round(1000 / fps)] * len(images)
+    durations[-1] += round(1000 * hold_s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    tmp.replace(path)
+    return path
+
+
+def save_denoising_gif(model: nn.Module, schedule: NoiseSchedule, path: str | Path, n: int = 16, steps: int = 25,
+                       sampler: str = "dpmpp_2m", seed: int = 0, fps: int = 10, hold_s: float = 1.0,
+                       image_size: int = 32, upscale: int = 2, prediction_type: str = "epsilon", **cond) -> Path:
+    """Sample `n` images (start noise from `seed`) and write a looping GIF to `path` with `write_gif`: one grid of
+    `x_t` per step (`steps + 1` frames, the last held for `hold_s` seconds) at `fps` frames per second."""
+    if Path(path).suffix.lower() != ".gif":
+        raise ValueError(f"path must end with .gif; got {Path(path).name!r}")
     shape = (n, _model_channels(model), image_size, image_size)
     _, inter = sample(model, schedule, shape, sampler, steps, generator=torch.Generator().manual_seed(seed),
                       progress=False, return_intermediates=True, prediction_type=prediction_type, **cond)
-    nrow = max(1, math.ceil(math.sqrt(n)))
-    frames = [Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
-              for g in (image_grid(x, nrow, upscale=upscale) for x in inter["x_t"])]
-    durations = [round(1000 / fps)] * len(frames)
-    durations[-1] += round(1000 * hold_s)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return path
+    return write_gif(inter["x_t"], path, fps=fps, hold_s=hold_s, upscale=upscale)

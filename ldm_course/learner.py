@@ -374,12 +374,14 @@ class ProgressCB(Callback):
     def before_fit(self):
         from fastprogress.fastprogress import master_bar
         first = self.learn.step // max(len(self.learn.train_dl), 1)
+        self.first = first
         self.mbar = master_bar(range(first, self.learn.n_epochs))
         self.mbar.update(0)
         self.losses = []
 
     def before_epoch(self):
         from fastprogress.fastprogress import progress_bar
+        if self.learn.training: self.mbar.update(self.learn.epoch - self.first)  # the "Epoch k/n" label
         self.pbar = progress_bar(range(len(self.learn.dl)), parent=self.mbar, leave=False)
         self.pbar.update(0)
 

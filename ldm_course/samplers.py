@@ -5,6 +5,7 @@
 # %% ../nbs/07_samplers.ipynb #c004
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -16,7 +17,8 @@ from .schedules import NoiseSchedule
 # %% auto #0
 __all__ = ['SAMPLERS', 'PREDICTION_TYPES', 'TIMESTEP_SPACINGS', 'DEFAULT_SPACING', 'predict_x0_eps', 'ddpm_step',
            'spaced_timesteps', 'ddim_step', 'sigma_to_t', 'karras_sigmas', 'euler_init_sigma', 'dpm_solver_timesteps',
-           'sample', 'diffusers_scheduler', 'diffusers_sample', 'GaussianMixture']
+           'sample', 'diffusers_scheduler', 'diffusers_sample', 'GaussianMixture', 'compare_samplers', 'quality_table',
+           'plot_quality']
 
 # %% ../nbs/07_samplers.ipynb #c007
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
@@ -403,3 +405,85 @@ class GaussianMixture:
                 eps = abar.sqrt()[:, None] * eps - (1 - abar).sqrt()[:, None] * x0
             return eps.reshape(x.shape).to(device=x.device, dtype=x.dtype)
         return model
+
+# %% ../nbs/07_samplers.ipynb #c054
+def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tuple[str, int]], n: int,
+                     score: Callable[[torch.Tensor], dict], image_shape: Sequence[int] = (1, 32, 32),
+                     batch_size: int = 250, seed: int = 0, prediction_type: str = "epsilon",
+                     progress: bool = True, device: str | torch.device | None = None, **cond) -> list[dict]:
+    """Sample `n` images with each `(sampler, steps)` of `runs` and score them.
+
+    Every run starts from the same standard-normal noise (drawn from `seed`), in batches of `batch_size`; the
+    ancestral noise of 'ddpm' comes from `seed + 1 + batch index`. `score(images (n, *image_shape), clamped to
+    [-1, 1]) → dict` (e.g. `FIDScorer.score`). Returns one row per run: `sampler`, `steps`, `nfe` (model calls per
+    image, counted), `n`, `seconds` (sampling only), `images_per_s`, plus the score's entries. All runs are
+    checked before the first one starts."""
+    runs = [(str(r[0]), r[1]) for r in runs]
+    if not runs: raise ValueError("runs is empty; give (sampler, steps) pairs such as [('ddim', 20)]")
+    T = schedule.num_train_timesteps
+    for name, steps in runs:
+        _check_choice("sampler", name, SAMPLERS)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+            raise ValueError(f"steps of {name!r} must be an int in [1, num_train_timesteps={T}]; got {steps!r}")
+    if not isinstance(n, int) or n < 2: raise ValueError(f"n must be an int ≥ 2 (FID needs a covariance); got {n!r}")
+    if batch_size < 1: raise ValueError(f"batch_size must be ≥ 1; got {batch_size}")
+    x_T = torch.randn((n, *image_shape), generator=torch.Generator().manual_seed(seed))
+    calls = [0]
+
+    def counted(x, t, **kw):
+        calls[0] += 1
+        return model(x, t, **kw)
+
+    batches = list(torch.split(x_T, batch_size))
+    rows, done, bar = [], 0, None
+    if progress:  # one bar over all runs, advanced by model calls so that its time estimate holds
+        from fastprogress.fastprogress import progress_bar
+        bar = progress_bar(range(sum(s for _, s in runs) * len(batches)), leave=False)
+        bar.update(0)
+    for name, steps in runs:
+        calls[0], out, t0 = 0, [], time.perf_counter()
+        for b, xb in enumerate(batches):
+            gen = torch.Generator().manual_seed(seed + 1 + b)
+            out.append(sample(counted, schedule, None, name, steps, x_T=xb, generator=gen, progress=False,
+                              prediction_type=prediction_type, device=device or _module_device(model), **cond).cpu())
+            done += steps
+            if bar is not None:
+                bar.comment = f"{name}, {steps} steps"
+                bar.update(done)
+        seconds = time.perf_counter() - t0
+        images = torch.cat(out).clamp(-1, 1)
+        rows.append({"sampler": name, "steps": steps, "nfe": calls[0] // len(batches), "n": n,
+                     "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2), **score(images)})
+    return rows
+
+
+def _module_device(model) -> torch.device:
+    params = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return params.device if params is not None else torch.device("cpu")
+
+
+def quality_table(rows: Sequence[dict], reference: dict | None = None) -> str:
+    """A markdown table of `compare_samplers` rows (NFE, FID, KID ± std, n, images/s); `reference` (a dict with
+    `fid`, `n` and optionally `kid`, `kid_std`, e.g. real vs real at the same `n`) is added as a last row."""
+    head = "| sampler | steps | NFE | FID | KID ×10³ | n | images/s |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    def kid(r): return f"{1e3 * r['kid']:.2f} ± {1e3 * r.get('kid_std', 0):.2f}" if "kid" in r else "–"
+    lines = [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {kid(r)} | {r['n']} | "
+             f"{r['images_per_s']:.1f} |" for r in rows]
+    if reference:
+        lines.append(f"| real vs real | – | – | {reference['fid']:.3f} | {kid(reference)} | {reference['n']} | – |")
+    return head + "\n".join(lines)
+
+
+def plot_quality(rows: Sequence[dict], reference: dict | None = None, metric: str = "fid", title: str | None = None,
+                 ax=None):
+    "FID (or `metric`) against NFE, one line per sampler, log-x; `reference` (a dict with `metric`) as a dashed line."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(5, 3))
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        ax.plot([r["nfe"] for r in rs], [r[metric] for r in rs], "o-", label=name)
+    if reference: ax.axhline(reference[metric], ls="--", c="gray", label="real vs real")
+    ax.set(xscale="log", xlabel="model evaluations per image (NFE)", ylabel=metric.upper(), title=title)
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure

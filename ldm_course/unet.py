@@ -213,9 +213,12 @@ class UNet(nn.Module, Pretrained):
 _SMALL = dict(block_out_channels=[32, 64, 96], layers_per_block=1, attention_levels=[False, True, True], num_heads=4)
 _BASE = dict(block_out_channels=[64, 128, 256], layers_per_block=2, attention_levels=[False, True, True], num_heads=8)
 _TINY = dict(block_out_channels=[16, 32], layers_per_block=1, attention_levels=[False, True], num_heads=2, norm_groups=8)
+_MINI = dict(block_out_channels=[16, 32, 64], layers_per_block=1, attention_levels=[False, False, True], num_heads=4,
+             norm_groups=8)
 
 UNET_CONFIGS: dict[str, dict] = {
     "tiny": _TINY, "tiny-class": {**_TINY, "num_classes": 10}, "tiny-text": {**_TINY, "context_dim": 32},
+    "mini": _MINI, "mini-class": {**_MINI, "num_classes": 10}, "mini-text": {**_MINI, "context_dim": 384},
     "small": _SMALL, "small-class": {**_SMALL, "num_classes": 10}, "small-text": {**_SMALL, "context_dim": 384},
     "base": _BASE, "base-class": {**_BASE, "num_classes": 10}, "base-text": {**_BASE, "context_dim": 384},
 }

@@ -1,5 +1,7 @@
 """The `ldm-course` console script: success paths and one-line errors."""
 import json, subprocess, sys
+
+import pytest
 from pathlib import Path
 
 CLI = str(Path(sys.executable).with_name("ldm-course"))  # the console script of this environment
@@ -21,19 +23,76 @@ def test_info():
     assert info["scale"] == "ci" and "fashion_mnist" in info["datasets_found"]
 
 
-def test_demo(tmp_path):
+def test_demo_from_a_fresh_process(tmp_path):
+    "The README's main command: a PNG grid and a GIF from the shipped weights, every class present, where it said."
     out = _cli("demo", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     res = _json(out.stdout)
-    assert (tmp_path / "demo_predictions.png").stat().st_size > 1000 and 0 <= res["valid_accuracy"] <= 1
+    assert res["samples"] == str(tmp_path / "samples.png") and res["gif"] == str(tmp_path / "denoising.gif")
+    assert (tmp_path / "samples.png").stat().st_size > 10_000 and (tmp_path / "denoising.gif").stat().st_size > 10_000
+    assert res["sampler"] == "dpmpp_2m" and res["n"] == 64 and sum(res["classes"].values()) == 64
+    assert "wrote" in out.stderr and str(tmp_path / "samples.png") in out.stderr
 
 
-def test_bad_args_one_line_no_traceback():
-    out = _cli("demo", "--epochs", "0")
+def test_demo_every_class_appears(tmp_path):
+    "The shipped cpu-trained model makes recognisable garments: the FID classifier finds all 10 classes in the grid."
+    from ldm_course.cli import demo
+    res = demo(tmp_path)
+    assert min(res["classes"].values()) >= 1, res["classes"]
+
+
+def test_generate_same_seed_same_bytes(tmp_path):
+    a = _cli("generate", "--sampler", "euler", "--steps", "8", "--n", "6", "--seed", "7", "--out", str(tmp_path / "a"), "--no-gif")
+    b = _cli("generate", "--sampler", "euler", "--steps", "8", "--n", "6", "--seed", "7", "--out", str(tmp_path / "b"), "--no-gif")
+    c = _cli("generate", "--sampler", "euler", "--steps", "8", "--n", "6", "--seed", "8", "--out", str(tmp_path / "c"), "--no-gif")
+    for r in (a, b, c): assert r.returncode == 0, r.stderr
+    png = lambda d: (tmp_path / d / "samples.png").read_bytes()
+    assert png("a") == png("b") != png("c")
+    assert not (tmp_path / "a" / "denoising.gif").exists()
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["demo", "--epochs", "1"], "unrecognized arguments: --epochs"),
+    (["generate", "--sampler", "heun"], "unknown sampler 'heun'"),
+    (["generate", "--steps", "0"], "--steps must be ≥ 1"),
+    (["generate", "--steps", "1001", "--no-gif"], "got 1001"),
+    (["generate", "--n", "-3"], "--n must be ≥ 1"),
+    (["generate", "--weights", "missing.safetensors"], "does not exist"),
+    (["generate", "--weights", "no_such_model"], "shipped models"),
+    (["train", "classifier", "--out", "weights.pt"], "must end in .safetensors"),
+    (["train", "ddpm", "--out", "weights.pt"], "must end in .safetensors"),
+    (["train", "ddpm", "--n-train", "0"], "--n-train must be ≥ 1"),
+    (["eval", "samplers", "--runs", "ddim:ten"], "write sampler:steps"),
+])
+def test_bad_args_one_line_no_traceback(args, expect):
+    out = _cli(*args)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
-    out = _cli("train", "classifier", "--out", "weights.pt")
-    assert out.returncode == 2 and "must end in .safetensors" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert expect in out.stderr, out.stderr
+
+
+def test_weights_not_safetensors(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"\x80\x04 a pickle, not safetensors")
+    (tmp_path / "w.pt").write_bytes(b"whatever")
+    for w, expect in ((tmp_path / "w.safetensors", "safetensors"), (tmp_path / "w.pt", "only safetensors")):
+        out = _cli("generate", "--weights", str(w))
+        assert out.returncode == 2 and expect in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_train_then_eval_records_fid(tmp_path):
+    w = tmp_path / "d.safetensors"
+    out = _cli("train", "ddpm", "--epochs", "1", "--n-train", "64", "--fid-n", "8", "--out", str(w))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = _json(out.stdout)
+    meta = json.loads(w.with_suffix(".json").read_text())
+    assert meta["fid"]["fid"] == res["fid"] and meta["fid"]["n"] == 8 and meta["fid"]["sampler"] == "dpmpp_2m"
+    assert meta["training"]["command"].startswith("ldm-course train ddpm")
+    out = _cli("eval", "samplers", "--weights", str(w), "--runs", "ddpm:3,ddim:3", "--n", "8", "--json", str(tmp_path / "e.json"),
+               "--plot", str(tmp_path / "e.png"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddpm", 3), ("ddim", 3)]
+    assert (tmp_path / "e.png").stat().st_size > 1000 and "| ddim | 3 | 3 |" in out.stdout
 
 
 def test_unknown_command():

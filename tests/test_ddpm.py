@@ -166,3 +166,37 @@ def test_bad_input(tmp_path, trained):
     cb.learn = types.SimpleNamespace(batch=(_images(), None), training=True)
     with pytest.raises(ValueError, match="class_cond=True needs integer labels"):
         cb.before_batch()
+
+
+def test_shipped_model_loads_by_name():
+    "The shipped DDPM: found by name, small, a mini UNet with its recipe, FID and sampler table in its JSON."
+    from ldm_course.ddpm import SHIPPED_DDPM, weights_dir
+    model, schedule, info = load_ddpm()
+    assert load_ddpm(SHIPPED_DDPM)[2] == info
+    assert schedule.config == SCHED.config and info["prediction_type"] == "epsilon"
+    tr = info["training"]
+    assert tr["dataset"] == "fashion_mnist" and tr["unet"] == "mini" and tr["n_train"] == 60_000
+    total = sum(f.stat().st_size for f in weights_dir().iterdir())
+    assert total <= 15 * 2**20, f"shipped weights are {total / 2**20:.1f} MB; the budget is 15 MB"
+    assert info["fid"]["sampler"] == "dpmpp_2m" and info["fid"]["n"] >= 500 and info["fid"]["fid"] > 0
+    runs = {(r["sampler"], r["steps"]) for r in info["sampler_fid"]["rows"]}
+    assert {("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("euler", 10), ("euler", 20),
+            ("euler", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)} <= runs
+
+
+def test_unknown_shipped_name():
+    with pytest.raises(FileNotFoundError, match="shipped models: .*fmnist_ddpm"):
+        load_ddpm("fmnist_dpm")
+
+
+def test_train_checkpoint_and_resume(tmp_path):
+    "`checkpoint` writes a resumable file; `resume=True` continues the same run to the same weights."
+    kw = dict(dataset="bundled_mnist", config="tiny", epochs=2, n_train=64, batch_size=32, progress=False)
+    ref, _, _ = train_ddpm(**kw)
+    ckpt = tmp_path / "ck.safetensors"
+    train_ddpm(**kw, max_steps=3, checkpoint=ckpt)
+    assert ckpt.exists()
+    resumed, learn, info = train_ddpm(**kw, checkpoint=ckpt, resume=True, command="my command")
+    assert learn.step == 4 and info["command"] == "my command"
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)

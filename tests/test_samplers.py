@@ -212,3 +212,35 @@ def test_toy_distribution_is_reproduced():
         x = sample(gm.denoiser(s), s, (1500, 2), sampler, steps, generator=torch.Generator().manual_seed(0), progress=False)
         frac = torch.bincount(torch.cdist(x.double(), gm.means).argmin(1), minlength=8).double() / len(x)
         torch.testing.assert_close(frac, gm.weights, atol=0.04, rtol=0)
+
+
+def test_compare_samplers_rows_nfe_and_determinism():
+    from ldm_course.samplers import compare_samplers, plot_quality, quality_table
+    gm = GaussianMixture([[-0.6], [0.6]], std=0.25)
+    model, sch = gm.denoiser(NoiseSchedule("linear")), NoiseSchedule("linear")
+    score = lambda x: {"fid": float(x.abs().mean()), "sum": float(x.sum())}
+    runs = [("ddpm", 7), ("ddim", 5), ("euler", 4), ("dpmpp_2m", 3)]
+    rows = compare_samplers(model, sch, runs, 10, score, image_shape=(1, 4, 4), batch_size=4, progress=False)
+    assert [(r["sampler"], r["steps"], r["nfe"], r["n"]) for r in rows] == [(s, k, k, 10) for s, k in runs]
+    again = compare_samplers(model, sch, runs, 10, score, image_shape=(1, 4, 4), batch_size=4, progress=False)
+    assert [r["sum"] for r in rows] == [r["sum"] for r in again]
+    # the same start noise as `sample` with x_T drawn from the seed (one batch = one call)
+    x_T = torch.randn((10, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    ddim = sample(model, sch, None, "ddim", 5, x_T=x_T, progress=False).clamp(-1, 1)
+    one = compare_samplers(model, sch, [("ddim", 5)], 10, lambda x: {"x": x}, image_shape=(1, 4, 4), progress=False)
+    torch.testing.assert_close(one[0]["x"], ddim)
+    table = quality_table(rows, {"fid": 0.1, "n": 10})
+    assert table.count("\n") == 2 + len(runs) and "real vs real" in table
+    import matplotlib.pyplot as plt
+    plt.close(plot_quality(rows, {"fid": 0.1}))
+
+
+@pytest.mark.parametrize("runs, n, msg", [([("heun", 5)], 8, "expected one of"), ([("ddim", 0)], 8, "got 0"),
+                                          ([("ddim", 1001)], 8, "got 1001"), ([], 8, "runs is empty"),
+                                          ([("ddim", 5)], 1, "n must be an int ≥ 2")])
+def test_compare_samplers_bad_input(runs, n, msg):
+    from ldm_course.samplers import compare_samplers
+    calls = []
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+        compare_samplers(lambda x, t: calls.append(1) or x, NoiseSchedule("linear"), runs, n, lambda x: {}, progress=False)
+    assert not calls  # checked before any sampling
