@@ -47,7 +47,7 @@ def generate(weights: str | Path = "fmnist_ddpm", sampler: str = "dpmpp_2m", ste
              seed: int = 0, out: str | Path = "out", gif: bool = True, classify: bool = True,
              device: str | None = None) -> dict:
     """Sample `n` images from the DDPM `weights` (a shipped name or a `.safetensors` file) with `sampler` in `steps`
-    model calls, start noise from `seed`. Writes `out/samples.png` (a grid, 8 per row) and, with `gif`, 
+    model calls, start noise from `seed`. Writes `out/samples.png` (a grid, 8 per row) and, with `gif`,
     `out/denoising.gif`; returns a summary with the paths, the timing and (with `classify`) how many samples the
     FID classifier puts in each class."""
     import torch
@@ -58,17 +58,18 @@ def generate(weights: str | Path = "fmnist_ddpm", sampler: str = "dpmpp_2m", ste
     if not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int ≥ 1; got {n!r}")
     t0 = time.time()
     model, schedule, meta = load_ddpm(weights, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shape = (n, model.in_channels, 32, 32)
+    shape = (n, *meta.get("training", {}).get("image_shape", [model.in_channels, 32, 32]))
+    t1 = time.time()
     res = sample(model, schedule, shape, sampler, steps, generator=torch.Generator().manual_seed(seed),
                  progress=False, return_intermediates=gif, prediction_type=meta.get("prediction_type", "epsilon"))
     x, inter = res if gif else (res, None)
-    sample_s = time.time() - t0
+    sample_s = time.time() - t1
     images = x.clamp(-1, 1).cpu()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"samples": str(_grid_png(images, out / "samples.png", nrow=8))}
     if gif:
-        result["gif"] = str(write_gif(inter["x_t"][:, :16], out / "denoising.gif", fps=8, hold_s=1.5))
+        result["gif"] = str(write_gif(inter["x_t"][:, :9], out / "denoising.gif", fps=8, hold_s=1.5, upscale=1))
     result.update(weights=str(weights), sampler=sampler, steps=steps, n=n, seed=seed,
                   sampling_seconds=round(sample_s, 2))
     if classify and meta.get("training", {}).get("dataset") == "fashion_mnist":
@@ -103,12 +104,6 @@ def parse_runs(spec: str) -> list[tuple[str, int]]:
     return runs
 
 
-def _hardware() -> str:
-    import platform, torch
-    if torch.cuda.is_available(): return f"GPU {torch.cuda.get_device_name(0)}"
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def evaluate_samplers(weights: str | Path = "fmnist_ddpm", runs: list[tuple[str, int]] | None = None,
                       n: int | None = None, seed: int = 0, batch_size: int = 250, record: bool = False,
                       command: str | None = None, progress: bool = True) -> dict:
@@ -116,7 +111,7 @@ def evaluate_samplers(weights: str | Path = "fmnist_ddpm", runs: list[tuple[str,
     against the test split, and the real-vs-real reference; with `record`, saved into the weights' JSON."""
     import torch
     from ldm_course.data import by_scale, get_scale, load_dataset
-    from ldm_course.ddpm import _resolve_weights, load_ddpm
+    from ldm_course.ddpm import _hardware, _resolve_weights, load_ddpm
     from ldm_course.learner import save_json
     from ldm_course.metrics import FIDScorer
     from ldm_course.samplers import compare_samplers

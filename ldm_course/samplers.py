@@ -463,14 +463,19 @@ def _module_device(model) -> torch.device:
 
 
 def quality_table(rows: Sequence[dict], reference: dict | None = None) -> str:
-    """A markdown table of `compare_samplers` rows (NFE, FID, KID ± std, n, images/s); `reference` (a dict with
-    `fid`, `n` and optionally `kid`, `kid_std`, e.g. real vs real at the same `n`) is added as a last row."""
-    head = "| sampler | steps | NFE | FID | KID ×10³ | n | images/s |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    """A markdown table of `compare_samplers` rows (NFE, FID, KID ± std, n, images/s). With `reference` (a dict with
+    `fid`, `n` and optionally `kid`, `kid_std`: real vs real at the same `n`) a column gives FID as a multiple of
+    the reference FID, and the reference is the last row."""
+    ratio = reference is not None and reference.get("fid", 0) > 0
+    head = ("| sampler | steps | NFE | FID |" + (" FID ÷ real |" if ratio else "") + " KID ×10³ | n | images/s |\n"
+            "|---|---:|---:|---:|" + ("---:|" if ratio else "") + "---:|---:|---:|\n")
     def kid(r): return f"{1e3 * r['kid']:.2f} ± {1e3 * r.get('kid_std', 0):.2f}" if "kid" in r else "–"
-    lines = [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {kid(r)} | {r['n']} | "
+    def x(r): return f" {r['fid'] / reference['fid']:.1f} |" if ratio else ""
+    lines = [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} |{x(r)} {kid(r)} | {r['n']} | "
              f"{r['images_per_s']:.1f} |" for r in rows]
     if reference:
-        lines.append(f"| real vs real | – | – | {reference['fid']:.3f} | {kid(reference)} | {reference['n']} | – |")
+        lines.append(f"| real vs real | – | – | {reference['fid']:.3f} |{' 1.0 |' if ratio else ''} {kid(reference)} | "
+                     f"{reference['n']} | – |")
     return head + "\n".join(lines)
 
 
