@@ -114,11 +114,12 @@ def evaluate_samplers(weights: str | Path = "fmnist_ddpm", runs: list[tuple[str,
     from ldm_course.ddpm import _hardware, _resolve_weights, load_ddpm
     from ldm_course.learner import save_json
     from ldm_course.metrics import FIDScorer
-    from ldm_course.samplers import compare_samplers
+    from ldm_course.samplers import check_runs, compare_samplers
     runs = runs or DEFAULT_RUNS
     n = n or by_scale(ci=32, cpu=500, gpu=5000)
     path = _resolve_weights(weights)
     model, schedule, meta = load_ddpm(path, "cuda" if torch.cuda.is_available() else "cpu")
+    runs = check_runs(runs, schedule.num_train_timesteps)  # bad runs fail now, not after the real-image features
     dataset = meta.get("training", {}).get("dataset")
     t0 = time.time()
     scorer = FIDScorer(dataset, split="test")

@@ -17,8 +17,8 @@ from .schedules import NoiseSchedule
 # %% auto #0
 __all__ = ['SAMPLERS', 'PREDICTION_TYPES', 'TIMESTEP_SPACINGS', 'DEFAULT_SPACING', 'predict_x0_eps', 'ddpm_step',
            'spaced_timesteps', 'ddim_step', 'sigma_to_t', 'karras_sigmas', 'euler_init_sigma', 'dpm_solver_timesteps',
-           'sample', 'diffusers_scheduler', 'diffusers_sample', 'GaussianMixture', 'compare_samplers', 'quality_table',
-           'plot_quality']
+           'sample', 'diffusers_scheduler', 'diffusers_sample', 'GaussianMixture', 'check_runs', 'compare_samplers',
+           'quality_table', 'plot_quality']
 
 # %% ../nbs/07_samplers.ipynb #c007
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
@@ -407,6 +407,18 @@ class GaussianMixture:
         return model
 
 # %% ../nbs/07_samplers.ipynb #c054
+def check_runs(runs: Sequence[tuple[str, int]], num_train_timesteps: int = 1000) -> list[tuple[str, int]]:
+    "Validate `(sampler, steps)` pairs before any sampling: known samplers, `1 ≤ steps ≤ num_train_timesteps`."
+    runs = [(str(r[0]), r[1]) for r in runs]
+    if not runs: raise ValueError("runs is empty; give (sampler, steps) pairs such as [('ddim', 20)]")
+    for name, steps in runs:
+        _check_choice("sampler", name, SAMPLERS)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
+            raise ValueError(f"steps of {name!r} must be an int in [1, num_train_timesteps={num_train_timesteps}]; "
+                             f"got {steps!r}")
+    return runs
+
+
 def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tuple[str, int]], n: int,
                      score: Callable[[torch.Tensor], dict], image_shape: Sequence[int] = (1, 32, 32),
                      batch_size: int = 250, seed: int = 0, prediction_type: str = "epsilon",
@@ -418,13 +430,7 @@ def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tu
     [-1, 1]) → dict` (e.g. `FIDScorer.score`). Returns one row per run: `sampler`, `steps`, `nfe` (model calls per
     image, counted), `n`, `seconds` (sampling only), `images_per_s`, plus the score's entries. All runs are
     checked before the first one starts."""
-    runs = [(str(r[0]), r[1]) for r in runs]
-    if not runs: raise ValueError("runs is empty; give (sampler, steps) pairs such as [('ddim', 20)]")
-    T = schedule.num_train_timesteps
-    for name, steps in runs:
-        _check_choice("sampler", name, SAMPLERS)
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
-            raise ValueError(f"steps of {name!r} must be an int in [1, num_train_timesteps={T}]; got {steps!r}")
+    runs = check_runs(runs, schedule.num_train_timesteps)
     if not isinstance(n, int) or n < 2: raise ValueError(f"n must be an int ≥ 2 (FID needs a covariance); got {n!r}")
     if batch_size < 1: raise ValueError(f"batch_size must be ≥ 1; got {batch_size}")
     x_T = torch.randn((n, *image_shape), generator=torch.Generator().manual_seed(seed))
