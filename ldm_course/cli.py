@@ -36,11 +36,9 @@ def info() -> dict:
 def _grid_png(images, path: Path, nrow: int, upscale: int = 2) -> Path:
     from PIL import Image
     from ldm_course.ddpm import image_grid
+    from ldm_course.learner import atomic_write
     g = image_grid(images, nrow, upscale=upscale)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda p: Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(p, format="PNG"))
 
 
 def generate(weights: str | Path = "fmnist_ddpm", sampler: str = "dpmpp_2m", steps: int = 20, n: int = 64,
@@ -111,8 +109,8 @@ def evaluate_samplers(weights: str | Path = "fmnist_ddpm", runs: list[tuple[str,
     against the test split, and the real-vs-real reference; with `record`, saved into the weights' JSON."""
     import torch
     from ldm_course.data import by_scale, get_scale, load_dataset
-    from ldm_course.ddpm import _hardware, _resolve_weights, load_ddpm
-    from ldm_course.learner import save_json
+    from ldm_course.ddpm import _resolve_weights, load_ddpm
+    from ldm_course.learner import hardware, save_json
     from ldm_course.metrics import FIDScorer
     from ldm_course.samplers import check_runs, compare_samplers
     runs = runs or DEFAULT_RUNS
@@ -129,7 +127,7 @@ def evaluate_samplers(weights: str | Path = "fmnist_ddpm", runs: list[tuple[str,
                             batch_size=batch_size, seed=seed, prediction_type=meta.get("prediction_type", "epsilon"),
                             progress=progress)
     result = {"rows": rows, "reference": reference, "n": n, "n_real": scorer.n_real, "real": scorer.source,
-              "scale": get_scale(), "hardware": _hardware(), "seconds": round(time.time() - t0, 1),
+              "scale": get_scale(), "hardware": hardware(), "seconds": round(time.time() - t0, 1),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "command": command or f"ldm-course eval samplers --weights {weights} --n {n} --seed {seed}"}
     if record:

@@ -5,7 +5,7 @@
 # %% ../nbs/06_ddpm.ipynb #c004
 from __future__ import annotations
 
-import math, platform, time
+import math, time
 from pathlib import Path
 from typing import Sequence
 
@@ -16,14 +16,14 @@ from torch import nn
 
 from .data import by_scale, get_dataloaders, get_scale
 from .learner import (Callback, CheckpointCB, EMACB, GradClipCB, Learner, MetricsCB, OneCycleCB, Pretrained,
-                                ProgressCB, load_tensors)
+                                ProgressCB, atomic_write, hardware, load_tensors, weights_dir)
 from .samplers import PREDICTION_TYPES, sample
 from .schedules import NoiseSchedule
 from .unet import UNet, count_params, unet_config
 
 # %% auto #0
-__all__ = ['SHIPPED_DDPM', 'ddpm_targets', 'DDPMCallback', 'train_ddpm', 'weights_dir', 'load_ddpm', 'denoising_path_figure',
-           'image_grid', 'write_gif', 'save_denoising_gif']
+__all__ = ['SHIPPED_DDPM', 'ddpm_targets', 'DDPMCallback', 'train_ddpm', 'load_ddpm', 'denoising_path_figure', 'image_grid',
+           'write_gif', 'save_denoising_gif']
 
 # %% ../nbs/06_ddpm.ipynb #c007
 def _check_prediction_type(prediction_type: str) -> str:
@@ -83,11 +83,6 @@ class DDPMCallback(Callback):
             self.learn.batch = ((x_t, t), target)
 
 # %% ../nbs/06_ddpm.ipynb #c017
-def _hardware() -> str:
-    if torch.cuda.is_available(): return f"GPU {torch.cuda.get_device_name(0)}"
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epochs: int | None = None,
                n_train: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
                prediction_type: str = "epsilon", ema_decay: float | None = None,
@@ -137,7 +132,7 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
                 prediction_type=prediction_type, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
     info = dict(dataset=ds.name, n_train=len(ds), image_shape=list(ds.shape), unet=config if isinstance(config, str) else "custom",
                 params=count_params(model), epochs=epochs, steps=learn.step, batch_size=batch_size, lr=lr,
-                ema_decay=ema_decay, seconds=round(seconds, 1), hardware=_hardware(), scale=get_scale(),
+                ema_decay=ema_decay, seconds=round(seconds, 1), hardware=hardware(), scale=get_scale(),
                 prediction_type=prediction_type, schedule=schedule.config, class_cond=class_cond,
                 history=metrics.history, torch=torch.__version__,
                 command=command or ("from ldm_course.ddpm import train_ddpm; train_ddpm(" +
@@ -151,12 +146,6 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
 
 # %% ../nbs/06_ddpm.ipynb #c019
 SHIPPED_DDPM = "fmnist_ddpm"  # the course's pixel-space DDPM, trained by `ldm-course --scale cpu train ddpm`
-
-
-def weights_dir() -> Path:
-    "The package folder of the shipped weights, `ldm_course/weights/`."
-    import importlib
-    return Path(importlib.import_module("ldm_course").__file__).parent / "weights"
 
 
 def _resolve_weights(path: str | Path) -> Path:
@@ -258,11 +247,8 @@ def write_gif(frames: Sequence[torch.Tensor] | torch.Tensor, path: str | Path, n
               for g in (image_grid(x, nrow, upscale=upscale) for x in frames)]
     durations = [round(1000 / fps)] * len(images)
     durations[-1] += round(1000 * hold_s)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
+                                                       duration=durations, loop=0))
 
 
 def save_denoising_gif(model: nn.Module, schedule: NoiseSchedule, path: str | Path, n: int = 16, steps: int = 25,
@@ -270,7 +256,7 @@ def save_denoising_gif(model: nn.Module, schedule: NoiseSchedule, path: str | Pa
                        image_size: int = 32, upscale: int = 2, prediction_type: str = "epsilon", **cond) -> Path:
     """Sample `n` images (start noise from `seed`) and write a looping GIF to `path` with `write_gif`: one grid of
     `x_t` per step (`steps + 1` frames, the last held for `hold_s` seconds) at `fps` frames per second."""
-    if Path(path).suffix.lower() != ".gif":
+    if Path(path).suffix.lower() != ".gif":  # write_gif checks too, but only after the sampling
         raise ValueError(f"path must end with .gif; got {Path(path).name!r}")
     shape = (n, _model_channels(model), image_size, image_size)
     _, inter = sample(model, schedule, shape, sampler, steps, generator=torch.Generator().manual_seed(seed),

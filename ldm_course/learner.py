@@ -16,10 +16,10 @@ from torch import nn
 from .data import by_scale, get_dataloaders, get_scale
 
 # %% auto #0
-__all__ = ['atomic_write', 'save_json', 'save_tensors', 'load_tensors', 'Pretrained', 'CancelFitException',
-           'CancelEpochException', 'CancelBatchException', 'Callback', 'default_mixed_precision', 'get_accelerator',
-           'Learner', 'accuracy', 'MetricsCB', 'ProgressCB', 'one_cycle_lr', 'OneCycleCB', 'GradClipCB', 'EMACB',
-           'CheckpointCB', 'ResidualBlock', 'ResNetClassifier', 'train_classifier']
+__all__ = ['atomic_write', 'save_json', 'weights_dir', 'hardware', 'save_tensors', 'load_tensors', 'Pretrained',
+           'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'default_mixed_precision',
+           'get_accelerator', 'Learner', 'accuracy', 'MetricsCB', 'ProgressCB', 'one_cycle_lr', 'OneCycleCB',
+           'GradClipCB', 'EMACB', 'CheckpointCB', 'ResidualBlock', 'ResNetClassifier', 'train_classifier']
 
 # %% ../nbs/01_learner.ipynb #c007
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -41,6 +41,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 def save_json(obj: Any, path: str | Path) -> Path:
     "Write `obj` as indented JSON, atomically."
     return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2), encoding="utf-8"))
+
+
+def weights_dir() -> Path:
+    "The package folder of the course's shipped weights, `ldm_course/weights/`."
+    import importlib
+    return Path(importlib.import_module("ldm_course").__file__).parent / "weights"
+
+
+def hardware() -> str:
+    "What a run ran on, for the JSON beside its weights: 'GPU <name>' or 'CPU <arch> (<n> threads)'."
+    import platform
+    if torch.cuda.is_available(): return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -5,7 +5,7 @@
 # %% ../nbs/08_fid.ipynb #c005
 from __future__ import annotations
 
-import datetime, importlib, os, platform, sys, time
+import datetime, sys, time
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .data import ImageDataset, by_scale, default_dataset, load_dataset, to_float
-from .learner import MetricsCB, ResNetClassifier, train_classifier
+from .learner import MetricsCB, ResNetClassifier, hardware, train_classifier, weights_dir
 
 # %% auto #0
 __all__ = ['default_classifier_path', 'classifier_accuracy', 'train_fid_classifier', 'load_fid_classifier', 'extract_features',
@@ -22,13 +22,7 @@ __all__ = ['default_classifier_path', 'classifier_accuracy', 'train_fid_classifi
 # %% ../nbs/08_fid.ipynb #c008
 def default_classifier_path() -> Path:
     "Where the shipped Fashion-MNIST classifier lives: `ldm_course/weights/fmnist_classifier.safetensors`."
-    here = Path(__file__).resolve().parent if "__file__" in globals() else Path(importlib.import_module("ldm_course").__file__).parent
-    return here / "weights" / "fmnist_classifier.safetensors"
-
-
-def _hardware() -> str:
-    if torch.cuda.is_available(): return torch.cuda.get_device_name(0)
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
+    return weights_dir() / "fmnist_classifier.safetensors"
 
 
 @torch.no_grad()
@@ -68,7 +62,7 @@ def train_fid_classifier(out: str | Path = "ldm_course/weights/fmnist_classifier
             f"n_test={n_test}, batch_size={batch_size}, lr={lr}, channels={tuple(channels)}, seed={seed})")
     info = {"dataset": learn.train_dl.dataset.name, "n_train": len(learn.train_dl.dataset), "n_test": len(test),
             "test_accuracy": round(acc, 4), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "train_seconds": round(train_seconds, 1), "hardware": _hardware(), "torch_threads": torch.get_num_threads(),
+            "train_seconds": round(train_seconds, 1), "hardware": hardware(), "torch_threads": torch.get_num_threads(),
             "command": command or f"python -c 'from ldm_course.metrics import train_fid_classifier; {call}'",
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "history": learn.find_cb(MetricsCB).history}

@@ -263,6 +263,12 @@ def _dpmpp_2m_loop(model, schedule, x, steps, spacing, generator, prediction_typ
 _LOOPS = {"ddpm": _ddpm_loop, "ddim": _ddim_loop, "euler": _euler_loop, "dpmpp_2m": _dpmpp_2m_loop}
 
 # %% ../nbs/07_samplers.ipynb #c028
+def _model_device(model: Callable, x_T: torch.Tensor | None = None) -> torch.device:
+    "Where to sample by default: the model's parameters' device, else `x_T`'s, else the CPU."
+    params = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return params.device if params is not None else x_T.device if x_T is not None else torch.device("cpu")
+
+
 def sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int] | None, sampler: str = "ddpm", steps: int = 50,
            eta: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
            progress: bool = True, return_intermediates: bool = False, prediction_type: str = "epsilon",
@@ -294,10 +300,7 @@ def sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int] | None
         raise ValueError("give the output shape (B, C, H, W) or the start noise x_T")
     if x_T is not None and shape is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected shape {tuple(shape)}")
-    if device is None:
-        params = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-        device = params.device if params is not None else x_T.device if x_T is not None else "cpu"
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else _model_device(model, x_T)
     x = x_T.to(device=device, dtype=torch.float32) if x_T is not None else _randn(shape, generator, device)
 
     was_training = isinstance(model, nn.Module) and model.training
@@ -441,6 +444,7 @@ def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tu
         return model(x, t, **kw)
 
     batches = list(torch.split(x_T, batch_size))
+    device = torch.device(device) if device is not None else _model_device(model)
     rows, done, bar = [], 0, None
     if progress:  # one bar over all runs, advanced by model calls so that its time estimate holds
         from fastprogress.fastprogress import progress_bar
@@ -451,7 +455,7 @@ def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tu
         for b, xb in enumerate(batches):
             gen = torch.Generator().manual_seed(seed + 1 + b)
             out.append(sample(counted, schedule, None, name, steps, x_T=xb, generator=gen, progress=False,
-                              prediction_type=prediction_type, device=device or _module_device(model), **cond).cpu())
+                              prediction_type=prediction_type, device=device, **cond).cpu())
             done += steps
             if bar is not None:
                 bar.comment = f"{name}, {steps} steps"
@@ -462,10 +466,6 @@ def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tu
                      "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2), **score(images)})
     return rows
 
-
-def _module_device(model) -> torch.device:
-    params = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    return params.device if params is not None else torch.device("cpu")
 
 
 def quality_table(rows: Sequence[dict], reference: dict | None = None) -> str:
