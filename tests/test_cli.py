@@ -32,13 +32,8 @@ def test_demo_from_a_fresh_process(tmp_path):
     assert (tmp_path / "samples.png").stat().st_size > 10_000 and (tmp_path / "denoising.gif").stat().st_size > 10_000
     assert res["sampler"] == "dpmpp_2m" and res["n"] == 64 and sum(res["classes"].values()) == 64
     assert "wrote" in out.stderr and str(tmp_path / "samples.png") in out.stderr
-
-
-def test_demo_every_class_appears(tmp_path):
-    "The shipped cpu-trained model makes recognisable garments: the FID classifier finds all 10 classes in the grid."
-    from ldm_course.cli import demo
-    res = demo(tmp_path)
-    assert min(res["classes"].values()) >= 1, res["classes"]
+    # the shipped cpu-trained model makes recognisable garments: the FID classifier finds all 10 classes in the grid
+    assert len(res["classes"]) == 10 and min(res["classes"].values()) >= 1, res["classes"]
 
 
 def test_generate_same_seed_same_bytes(tmp_path):
