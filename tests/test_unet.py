@@ -71,7 +71,11 @@ def test_context_mask_hides_tokens():
     (lambda m, mc, mx: mx(_x(), 1, context=torch.randn(2, 8)), r"shape \(B=2, M, 8\); got \(2, 8\)"),
     (lambda m, mc, mx: mx(_x(), 1, context=torch.randn(2, 3, 8), context_mask=torch.ones(2, 4, dtype=torch.bool)),
      r"bool of shape \(B, M\) = \(2, 3\)"),
+    (lambda m, mc, mx: mx(_x(), 1, context=torch.randn(2, 3, 8), context_mask=torch.ones(2, 3)),
+     r"context_mask must be bool of shape \(B, M\) = \(2, 3\); got torch.float32"),
     (lambda m, mc, mx: m(_x(), 1, context=torch.randn(2, 3, 8)), r"context_dim=None"),
+    (lambda m, mc, mx: mc(_x(), 1, class_labels=torch.tensor([0, 1, 2])), r"\(B,\) = \(2,\); got \(3,\)"),
+    (lambda m, mc, mx: mc(_x(), 1, class_labels=torch.tensor([True, False])), r"must be integers; got dtype torch.bool"),
 ])
 def test_bad_input_names_expected_and_received(call, msg):
     m, mc, mx = UNet(**SMALL), UNet(**SMALL, num_classes=3), UNet(**SMALL, context_dim=8)
@@ -82,6 +86,14 @@ def test_bad_input_names_expected_and_received(call, msg):
 def test_bad_construction():
     with pytest.raises(ValueError, match=r"attention_levels has 3 entries; expected one per level \(2\)"):
         UNet(block_out_channels=(16, 32), attention_levels=(False, True, True), norm_groups=8)
+    with pytest.raises(ValueError, match=r"attention_levels has 1 entries; expected one per level \(2\)"):
+        UNet(block_out_channels=(32, 64), attention_levels=(True,))
+    with pytest.raises(ValueError, match="need at least one level and layers_per_block >= 1"):
+        UNet(**{**SMALL, "layers_per_block": 0})
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None; got 0"):
+        UNet(**SMALL, num_classes=0)
+    with pytest.raises(ValueError, match="attention level with 32 channels is not divisible by num_heads=3"):
+        UNet(**{**SMALL, "num_heads": 3})
     with pytest.raises(ValueError, match="not divisible by norm_groups=32"):
         UNet(block_out_channels=(16, 32), attention_levels=(False, True))
 
@@ -115,6 +127,15 @@ def test_save_load_round_trip(tmp_path, form):
     x, ctx = _x(), torch.randn(2, 3, 8)
     with torch.no_grad():
         assert torch.equal(m(x, 7, 1, context=ctx), m2(x, 7, 1, context=ctx))
+
+
+def test_mini_is_the_shipped_architecture():
+    "The shipped DDPM's UNet is the `mini` preset (notebook 05 draws it and rebuilds it in 40 lines)."
+    import json
+    from ldm_course.files import weights_dir
+    from ldm_course.ddpm import SHIPPED_DDPM
+    cfg = json.loads((weights_dir() / f"{SHIPPED_DDPM}.json").read_text())["config"]
+    assert cfg == unet_config("mini")
 
 
 def test_presets():
