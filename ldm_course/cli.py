@@ -11,9 +11,9 @@ from pathlib import Path
 import ldm_course
 
 # %% auto #0
-__all__ = ['TRAIN', 'BENCHES', 'info', 'parse_runs', 'set_threads', 'build_parser', 'run', 'main']
+__all__ = ['MAX_GRID', 'TRAIN', 'BENCHES', 'info', 'parse_runs', 'set_threads', 'build_parser', 'run', 'main']
 
-# %% ../nbs/17_cli.ipynb #a52cb1be
+# %% ../nbs/17_cli.ipynb #391c7ed8
 def info() -> dict:
     """Version, scale, device, torch threads and, per dataset, where it was found locally (no download attempted);
     `fallback` says what the course uses when the default dataset is missing."""
@@ -24,11 +24,14 @@ def info() -> dict:
         found[name] = None
         for base in search_dirs():
             try:
-                spec.load(base, "test")
+                for split in ("train", "test"): spec.load(base, split)   # both splits, read in full
                 found[name] = str(base)
                 break
             except FileNotFoundError:
                 continue
+            except ValueError as e:        # there, but unreadable: say so rather than "found"
+                found[name] = f"unreadable in {base}: {e}"
+                break
     default = default_dataset()
     fallback = (None if found.get(default) else
                 f"{default} is not available locally: it will be downloaded when first used; offline, the course "
@@ -38,7 +41,7 @@ def info() -> dict:
             "threads": torch.get_num_threads(), "data_dirs": [str(d) for d in search_dirs()],
             "datasets_found": found, "default_dataset": default, "fallback": fallback}
 
-# %% ../nbs/17_cli.ipynb #f61b81a5
+# %% ../nbs/17_cli.ipynb #1e011a1a
 def parse_runs(spec: str) -> list[tuple[str, int]]:
     "`'ddpm:1000,ddim:10'` → `[('ddpm', 1000), ('ddim', 10)]`."
     runs = []
@@ -50,7 +53,7 @@ def parse_runs(spec: str) -> list[tuple[str, int]]:
     if not runs: raise ValueError(f"no runs in {spec!r}; write sampler:steps, e.g. 'ddim:20,dpmpp_2m:10'")
     return runs
 
-# %% ../nbs/17_cli.ipynb #d959c0c1
+# %% ../nbs/17_cli.ipynb #f157cc23
 def set_threads(n: int | None = None) -> int:
     """Set torch's CPU threads: `n`; else leave `$OMP_NUM_THREADS`'s choice; else the free cores (cores minus the
     one-minute load average, at least 1). Returns the number of threads."""
@@ -65,7 +68,7 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/17_cli.ipynb #7371da2a
+# %% ../nbs/17_cli.ipynb #68f1fbf7
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + exit; `main` prints it
         raise ValueError(f"{message} (see `{self.prog} --help`)")
@@ -78,6 +81,35 @@ def _positive(args, *names: str) -> None:
             raise ValueError(f"--{name} must be ≥ 1, got {v}")
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63); got {seed}")
+
+
+def _writable_dir(out: str | Path, files: tuple[str, ...] = ()) -> Path:
+    "Check, before any work, that `out` is (or can become) a writable folder and that `files` in it can be written."
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out} is not writable; give a folder you can write to")
+    for f in files:
+        if (out / f).is_dir(): raise ValueError(f"{out / f} is a folder; remove it or choose another --out")
+    return out
+
+
+def _writable_file(path: str | None, flag: str) -> None:
+    "Check, before any work, that the file `path` given with `flag` can be written."
+    if path is None: return
+    p = Path(path)
+    if p.is_dir(): raise ValueError(f"{flag} {p} is a folder; give a file name")
+    _writable_dir(p.parent if str(p.parent) else ".")
+
+
 def _safetensors_out(out: str | None, what: str) -> Path:
     out = Path(out or f"out/{what}.safetensors")
     if out.suffix != ".safetensors":
@@ -85,8 +117,13 @@ def _safetensors_out(out: str | None, what: str) -> Path:
     return out
 
 
+MAX_GRID = 4096   # images in one samples.png: 64 × 64 tiles, already 8,700 pixels wide
+
+
 def _demo(args) -> dict:
     from ldm_course.samplers import generate
+    _check_seed(args.seed)
+    _writable_dir(args.out, ("samples.png", "denoising.gif"))
     res = generate(out=args.out, seed=args.seed)
     print(f"wrote {res['samples']} and {res['gif']} in {res['seconds']} s", file=sys.stderr)
     return res
@@ -95,6 +132,11 @@ def _demo(args) -> dict:
 def _generate(args) -> dict:
     from ldm_course.samplers import generate
     _positive(args, "n", "steps")
+    if args.n > MAX_GRID:
+        raise ValueError(f"--n {args.n} is more than one grid can show (at most {MAX_GRID}); for many samples use "
+                         f"`ldm-course eval samplers --n N` or ldm_course.samplers.sample in batches")
+    _check_seed(args.seed)
+    _writable_dir(args.out, ("samples.png",) + (() if args.no_gif else ("denoising.gif",)))
     return generate(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif,
                     clip_sample=not args.no_clip)
 
@@ -104,14 +146,15 @@ def _train_ddpm(args) -> dict:
     from ldm_course.ddpm import train_ddpm
     from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, evaluate_samplers, record_evaluation
     out = _safetensors_out(args.out, "ddpm")
+    _writable_file(str(out), "--out")
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     _, _, info = train_ddpm(epochs=args.epochs, n_train=args.n_train, out=out, checkpoint=ckpt, resume=args.resume,
-                            command=args.command_line)
+                            overwrite=args.overwrite, command=args.command_line)
     fid_n = args.fid_n or by_scale(ci=32, cpu=1000, gpu=5000)
     run_spec = f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"
     ev = evaluate_samplers(out, [(DEFAULT_SAMPLER, DEFAULT_STEPS)], n=fid_n, progress=False,
                            command=f"ldm-course eval samplers --weights {out} --runs {run_spec} --n {fid_n} --record")
-    record_evaluation(ev, out)
+    record_evaluation(ev, out, force=True)   # the JSON this run has just written, wherever --out put it
     summary = {k: info[k] for k in ("dataset", "unet", "params", "epochs", "steps", "seconds", "hardware")}
     return {"weights": str(out), **summary, "fid": ev["rows"][0]["fid"], "real_vs_real_fid": ev["reference"]["fid"],
             "fid_n": fid_n}
@@ -120,6 +163,7 @@ def _train_ddpm(args) -> dict:
 def _train_classifier(args) -> dict:
     from ldm_course.metrics import train_fid_classifier
     out = _safetensors_out(args.out, "classifier")
+    _writable_file(str(out), "--out")
     _, summary = train_fid_classifier(out=out, epochs=args.epochs, command=args.command_line)
     return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
 
@@ -134,13 +178,16 @@ def _train(args) -> dict:
 
 def _eval(args) -> dict:
     from ldm_course.files import save_json
-    from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation
+    from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation, record_path
     _positive(args, "n")
+    if args.record: record_path(args.weights, args.force)   # before the work, not after it
+    _check_seed(args.seed)
+    _writable_file(args.json, "--json"); _writable_file(args.plot, "--plot")
     runs = parse_runs(args.runs) if args.runs else None
     res = evaluate_samplers(args.weights, runs, args.n, args.seed, clip_sample=not args.no_clip,
                             command=args.command_line)
     print(quality_table(res["rows"], res["reference"]))
-    if args.record: res["recorded_in"] = str(record_evaluation(res, args.weights))
+    if args.record: res["recorded_in"] = str(record_evaluation(res, args.weights, force=args.force))
     if args.json: save_json(res, args.json)
     if args.plot:
         import matplotlib
@@ -167,12 +214,15 @@ BENCHES = {"unet": _bench_unet, "attention": _bench_attention}
 
 
 def _bench(args) -> dict:
+    import torch
     from ldm_course.files import save_json
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this machine has no CUDA GPU that torch can use; use --device cpu")
     rows = BENCHES[args.what](args)
     if args.json: save_json(rows, args.json)
     return {"rows": len(rows), "json": args.json}
 
-# %% ../nbs/17_cli.ipynb #b371fb7b
+# %% ../nbs/17_cli.ipynb #6a0c3706
 def build_parser() -> argparse.ArgumentParser:
     from ldm_course.data import SCALES
     from ldm_course.ddpm import SHIPPED_DDPM
@@ -203,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-train", type=int, default=None, help="ddpm: how many training images (default by scale)")
     t.add_argument("--fid-n", type=int, default=None, help="ddpm: samples for the FID recorded after training")
     t.add_argument("--resume", action="store_true", help="ddpm: continue from the checkpoint beside --out")
+    t.add_argument("--overwrite", action="store_true", help="ddpm: start a new run over the checkpoint beside --out")
     t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a trained model")
@@ -216,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the result here")
     e.add_argument("--plot", default=None, help="save the FID-vs-NFE plot here (.png)")
     e.add_argument("--record", action="store_true", help="save the table into the weights' JSON")
+    e.add_argument("--force", action="store_true",
+                   help="with --record: also into the package's own weights, or over a table of more samples")
     e.set_defaults(func=_eval)
     b = sub.add_parser("bench", help="speed benchmarks, ours vs the reference")
     b.add_argument("what", choices=list(BENCHES))
     b.add_argument("--json", default=None, help="also write the rows as JSON here")
-    b.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"], help="cpu or cuda (default: both where available)")
     b.add_argument("--config", default="small", help="UNet config for `bench unet` (see ldm_course.unet.UNET_CONFIGS)")
     b.set_defaults(func=_bench)
     return p
@@ -243,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk filled up, a file became unreadable...: say which file, in one line
+        print(f"error: {e.strerror or e} ({e.filename or 'no file name'}); check the path, its permissions and the "
+              f"free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

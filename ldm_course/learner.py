@@ -5,7 +5,7 @@
 # %% ../nbs/01_learner.ipynb #c004
 from __future__ import annotations
 
-import copy, json, math, os, time
+import copy, json, math, os, time, uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -251,11 +251,12 @@ def save_checkpoint(self: Learner, path: str | Path) -> Path:
         tensors.update({f"cb{i}.{k}": v for k, v in t.items()})
         if m: cb_meta[f"cb{i}.{type(cb).__name__}"] = m
     scaler = getattr(self.accelerator, "scaler", None)
+    pair_id = f"{self.step}-{uuid.uuid4().hex[:12]}"   # the same id in both files: they belong together
     meta = {"step": self.step, "epoch": self.epoch, "shuffle_seed": self.shuffle_seed, "optimizer": opt_meta,
             "callbacks": cb_meta, "scaler": scaler.state_dict() if scaler is not None else None,
-            "model_class": type(model).__name__}
+            "model_class": type(model).__name__, "pair_id": pair_id}
     if self.is_main_process:
-        save_tensors(tensors, path.with_suffix(".safetensors"))
+        save_tensors(tensors, path.with_suffix(".safetensors"), metadata={"pair_id": pair_id})
         save_json(meta, path.with_suffix(".json"))
     self.accelerator.wait_for_everyone()
     return path.with_suffix(".safetensors")
@@ -270,6 +271,13 @@ def load_checkpoint(self: Learner, path: str | Path) -> Learner:
     if not path.with_suffix(".json").is_file():
         raise FileNotFoundError(f"{path.with_suffix('.json')} is missing; a checkpoint is a .safetensors + .json pair")
     meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    if "pair_id" in meta:   # a kill between the two writes leaves files of two different saves: never mix them
+        from safetensors import safe_open
+        with safe_open(str(path.with_suffix(".safetensors")), "pt") as f: tensor_id = (f.metadata() or {}).get("pair_id")
+        if tensor_id != meta["pair_id"]:
+            raise ValueError(f"{path.with_suffix('.safetensors')} and {path.with_suffix('.json')} come from different saves "
+                             f"({tensor_id} vs {meta['pair_id']}), as when a run is killed between the two writes; "
+                             f"resume from another checkpoint or start a new run")
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     self.accelerator.unwrap_model(self.model).load_state_dict(group("model."))
     opt_state: dict = {}
@@ -302,10 +310,33 @@ class MetricsCB(Callback):
     order = 10
 
     def __init__(self, **metrics: Callable):
-        self.metrics, self.history = metrics, []
+        self.metrics, self.history, self.losses, self.seconds, self._restored = metrics, [], [], 0.0, None
 
-    def before_fit(self): self.history, self.losses = [], []
-    def before_epoch(self): self.sums, self.n, self.start = {}, 0, time.time()
+    def before_fit(self):
+        if self._restored is None: self.history, self.losses, self.seconds = [], [], 0.0   # a new run
+        self.fit_start = time.time()
+
+    def before_epoch(self):
+        self.sums, self.n, self.start = {}, 0, time.time()
+        r, learn = self._restored, self.learn
+        if r is not None and learn.training:            # the first epoch after a resume
+            if learn.step > learn.epoch * len(learn.train_dl):   # resumed mid-epoch: carry on the epoch's sums
+                self.sums, self.n = dict(r["sums"]), r["n"]
+            self._restored = None
+
+    def total_seconds(self) -> float:
+        "Wall-clock seconds of this run so far, the parts before any resume included."
+        return self.seconds + time.time() - self.fit_start
+
+    def state_dict(self):
+        "The epoch rows, every step's loss and the running sums go into checkpoints, so a resumed run keeps them."
+        return {}, {"history": self.history, "losses": self.losses, "sums": getattr(self, "sums", {}),
+                    "n": getattr(self, "n", 0), "seconds": self.total_seconds()}
+
+    def load_state_dict(self, tensors, meta):
+        if not meta: return                      # a checkpoint written without this callback's state
+        self.history, self.losses, self.seconds = list(meta["history"]), list(meta["losses"]), meta["seconds"]
+        self._restored = meta
 
     def after_loss(self):
         learn, n = self.learn, self.learn.n_local
@@ -439,11 +470,14 @@ class EMACB(Callback):
 
 # %% ../nbs/01_learner.ipynb #c044
 class CheckpointCB(Callback):
-    "Save a resumable checkpoint to `path` after every full epoch and every `every_steps` steps (if given)."
+    """Save a resumable checkpoint to `path` after every full epoch and every `every_steps` steps (if given).
+    `run`: a JSON-able description of the run (its settings), stored in the checkpoint so that a resume can check it."""
     order = 50
 
-    def __init__(self, path: str | Path, every_steps: int | None = None):
-        self.path, self.every_steps = Path(path), every_steps
+    def __init__(self, path: str | Path, every_steps: int | None = None, run: dict | None = None):
+        self.path, self.every_steps, self.run = Path(path), every_steps, run
+
+    def state_dict(self): return {}, ({"run": self.run} if self.run is not None else {})
 
     def after_step(self):
         if self.every_steps and self.learn.step % self.every_steps == 0:

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ddpm import SHIPPED_DDPM, load_ddpm, write_gif, write_png
+from .ddpm import SHIPPED_DDPM, _model_device, _randn, load_ddpm, write_gif, write_png
 from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'TIMESTEP_SPACINGS', 'DEFAULT_SPACING', 'DEFAULT_SAMPLER', 'DEFAULT_STEPS', 'DEFAULT_CLIP', 'DEFAULT_RUNS',
+__all__ = ['SAMPLERS', 'TIMESTEP_SPACINGS', 'DEFAULT_SPACING', 'DEFAULT_RUNS', 'DEFAULT_SAMPLER', 'DEFAULT_STEPS', 'DEFAULT_CLIP',
            'predict_x0', 'ddpm_step', 'spaced_timesteps', 'ddim_step', 'sigma_to_t', 'karras_sigmas',
            'euler_init_sigma', 'dpm_solver_timesteps', 'sample', 'diffusers_scheduler', 'diffusers_sample',
            'GaussianMixture', 'check_runs', 'compare_samplers', 'run_label', 'quality_table', 'plot_quality',
-           'generate', 'evaluate_samplers', 'record_evaluation']
+           'off_manifold', 'generate', 'evaluate_samplers', 'record_path', 'record_evaluation']
 
 # %% ../nbs/08_samplers.ipynb #c007
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
@@ -32,12 +32,6 @@ DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "d
 def _check_choice(name: str, value, choices: Sequence[str]):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-
-
-def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    "Standard normal noise drawn as `diffusers.utils.torch_utils.randn_tensor` draws it (on the generator's device)."
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 # %% ../nbs/08_samplers.ipynb #c009
 def predict_x0(x_t: torch.Tensor, model_output: torch.Tensor, alpha_bar, prediction_type: str = "epsilon",
@@ -110,8 +104,8 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, x_t: 
     """One DDIM step from timestep `t` to `prev_t` (-1 = the clean image, $\\bar\\alpha = 1$). Returns `(x_prev, pred_x0)`.
 
     `eta=0` is deterministic; for `eta > 0` the noise is `noise` or drawn from `generator`. Equal to
-    `diffusers.DDIMScheduler.step` with the same `clip_sample` (which clamps $\\hat x_0$ only: the direction term
-    keeps the model's $\\hat\\varepsilon$, as `diffusers` does by default)."""
+    `diffusers.DDIMScheduler.step`; with `clip_sample`, $\\hat x_0$ is clamped and $\\hat\\varepsilon$ re-derived from it
+    (`diffusers`' `clip_sample=True` with `use_clipped_model_output=True`)."""
     t, prev_t = int(t), int(prev_t)
     _check_step_args(schedule, model_output, t, x_t, prev_t, noise)
     if eta < 0:
@@ -120,6 +114,8 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, x_t: 
     abar_t, abar_s = ac[t], (ac[prev_t] if prev_t >= 0 else torch.tensor(1.0))
     _, eps = predict_x0_eps(x_t, model_output, abar_t, prediction_type)
     x0 = predict_x0(x_t, model_output, abar_t, prediction_type, clip_sample, clip_sample_range)
+    if clip_sample:   # the noise that agrees with the clipped guess, so that the step stays on x_t's own line
+        eps = (x_t - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5
     var = ((1 - abar_s) / (1 - abar_t)) * (1 - abar_t / abar_s)
     std = eta * var**0.5
     x_prev = abar_s**0.5 * x0 + (1 - abar_s - std**2) ** 0.5 * eps
@@ -267,12 +263,6 @@ def _dpmpp_2m_loop(model, schedule, x, steps, spacing, generator, prediction_typ
 _LOOPS = {"ddpm": _ddpm_loop, "ddim": _ddim_loop, "euler": _euler_loop, "dpmpp_2m": _dpmpp_2m_loop}
 
 # %% ../nbs/08_samplers.ipynb #c028
-def _model_device(model: Callable, x_T: torch.Tensor | None = None) -> torch.device:
-    "Where to sample by default: the model's parameters' device, else `x_T`'s, else the CPU."
-    params = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    return params.device if params is not None else x_T.device if x_T is not None else torch.device("cpu")
-
-
 def sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int] | None, sampler: str = "ddpm", steps: int = 50,
            eta: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
            progress: bool = True, return_intermediates: bool = False, prediction_type: str = "epsilon",
@@ -288,8 +278,9 @@ def sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int] | None
       `generator` also draws the noise of 'ddpm' and of 'ddim' with `eta > 0`.
     - `timestep_spacing`: 'leading' | 'linspace' | 'trailing'; None = the `diffusers` default of that sampler.
     - `clip_sample`: clamp every guess $\\hat x_0$ to [-1, 1], the range of the data (for images; never for latents).
-      Equals `clip_sample=True` of `diffusers`' DDPM and DDIM schedulers and `thresholding=True` of DPM-Solver
-      (whose `sample_max_value=1` makes it the same clamp); `diffusers`' Euler scheduler has no such option.
+      Equals `clip_sample=True` of `diffusers`' DDPM and DDIM schedulers (DDIM with `use_clipped_model_output=True`)
+      and `thresholding=True` of DPM-Solver (whose `sample_max_value=1` makes it the same clamp); `diffusers`' Euler
+      scheduler has no such option.
     - `device`: where to sample (default: the model's parameters' device, else `x_T`'s, else the CPU).
 
     Returns the samples `(B, ...)`, not clamped; with `return_intermediates`, also a dict with `x_t`
@@ -302,8 +293,11 @@ def sample(model: Callable, schedule: NoiseSchedule, shape: Sequence[int] | None
     T = schedule.num_train_timesteps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an int in [1, num_train_timesteps={T}]; got {steps!r}")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise ValueError(f"eta must be >= 0 and is only used by sampler='ddim'; got eta={eta} with sampler={sampler!r}")
+    if not (isinstance(eta, (int, float)) and 0 <= eta <= 1) or (eta > 0 and sampler != "ddim"):
+        raise ValueError(f"eta must lie in [0, 1] (0 = DDIM, 1 = DDPM-like noise) and is only used by sampler='ddim'; "
+                         f"got eta={eta} with sampler={sampler!r}")
+    if x_T is not None and not torch.isfinite(x_T).all():
+        raise ValueError("x_T contains NaN or infinite values; start noise must be finite (standard normal)")
     if x_T is None and shape is None:
         raise ValueError("give the output shape (B, C, H, W) or the start noise x_T")
     if x_T is not None and shape is not None and tuple(x_T.shape) != tuple(shape):
@@ -354,7 +348,8 @@ def diffusers_sample(model: Callable, schedule: NoiseSchedule, x_T: torch.Tensor
     sched = diffusers_scheduler(schedule, sampler, prediction_type, timestep_spacing, clip_sample)
     sched.set_timesteps(steps)
     x = x_T * sched.init_noise_sigma
-    extra = dict(eta=eta, generator=generator) if sampler == "ddim" else dict(generator=generator) if sampler == "ddpm" else {}
+    extra = (dict(eta=eta, generator=generator, use_clipped_model_output=clip_sample) if sampler == "ddim" else
+             dict(generator=generator) if sampler == "ddpm" else {})
     with torch.no_grad():
         for t in sched.timesteps:
             out = model(sched.scale_model_input(x, t), t.expand(x.shape[0]), **cond)
@@ -422,6 +417,10 @@ class GaussianMixture:
         return model
 
 # %% ../nbs/08_samplers.ipynb #c054
+DEFAULT_RUNS = [("ddpm", 1000), ("ddpm", 50), ("ddpm", 20), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
+                ("euler", 10), ("euler", 20), ("euler", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]   # the full table
+
+
 def check_runs(runs: Sequence[tuple[str, int]], num_train_timesteps: int = 1000) -> list[tuple[str, int]]:
     "Validate `(sampler, steps)` pairs before any sampling: known samplers, `1 ≤ steps ≤ num_train_timesteps`."
     runs = [(str(r[0]), r[1]) for r in runs]
@@ -442,7 +441,8 @@ def compare_samplers(model: Callable, schedule: NoiseSchedule, runs: Sequence[tu
 
     Every run starts from the same standard-normal noise (drawn from `seed`), in batches of `batch_size`; the
     ancestral noise of 'ddpm' comes from `seed + 1 + batch index`. `score(images (n, *image_shape), clamped to
-    [-1, 1]) → dict` (e.g. `FIDScorer.score`). `clip_sample` is passed to every run (see `sample`). Returns one row
+    [-1, 1]) → dict` (e.g. `FIDScorer.score`). `clip_sample` and `**cond` (model inputs such as
+    class labels, or sampler options such as `timestep_spacing` or `eta`) go to every `sample` call. Returns one row
     per run: `sampler`, `steps`, `clip_sample`, `nfe` (model calls per image, counted), `n`, `seconds` (sampling
     only), `images_per_s`, plus the score's entries. All runs are checked before the first one starts."""
     runs = check_runs(runs, schedule.num_train_timesteps)
@@ -516,10 +516,19 @@ def plot_quality(rows: Sequence[dict], reference: dict | None = None, metric: st
     ax.figure.tight_layout()
     return ax.figure
 
-# %% ../nbs/08_samplers.ipynb #bc875248
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CLIP = "dpmpp_2m", 20, True   # what `generate` and `ldm-course demo` use
-DEFAULT_RUNS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("euler", 10), ("euler", 20),
-                ("euler", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]
+# %% ../nbs/08_samplers.ipynb #e464ad96
+def off_manifold(scorer, images: torch.Tensor, reference: torch.Tensor, quantile: float = 0.99) -> tuple[torch.Tensor, float]:
+    """Which `images` `(N, C, H, W)` lie off the data manifold: farther, in `scorer`'s features (a `FIDScorer` of
+    notebook 07), from every one of its real images than the `quantile` of real `reference` images (not among
+    the scorer's) are. Returns `(mask (N,) bool, threshold)`; about `1 - quantile` of real images are flagged."""
+    if not 0 < quantile < 1: raise ValueError(f"quantile must lie in (0, 1); got {quantile}")
+    real = scorer.real_features.float()
+    nearest = lambda x: torch.cdist(scorer.features(x).float(), real).min(1).values
+    threshold = float(nearest(reference).quantile(quantile))
+    return nearest(images) > threshold, threshold
+
+# %% ../nbs/08_samplers.ipynb #5e0675cc
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CLIP = "ddpm", 20, True   # what `generate` and `ldm-course demo` use
 
 
 def _default_device(device: str | torch.device | None) -> str:
@@ -559,7 +568,7 @@ def generate(weights: str | Path = SHIPPED_DDPM, sampler: str = DEFAULT_SAMPLER,
     result["seconds"] = round(time.time() - t0, 2)
     return result
 
-# %% ../nbs/08_samplers.ipynb #e8305dd9
+# %% ../nbs/08_samplers.ipynb #7ad1965d
 def evaluate_samplers(weights: str | Path = SHIPPED_DDPM, runs: Sequence[tuple[str, int]] | None = None,
                       n: int | None = None, seed: int = 0, batch_size: int = 250, clip_sample: bool = DEFAULT_CLIP,
                       command: str | None = None, progress: bool = True) -> dict:
@@ -588,16 +597,38 @@ def evaluate_samplers(weights: str | Path = SHIPPED_DDPM, runs: Sequence[tuple[s
             "command": command or f"ldm-course eval samplers --weights {weights} --n {n} --seed {seed}{clip_flag}"}
 
 
-def record_evaluation(result: dict, weights: str | Path = SHIPPED_DDPM) -> Path:
-    """Save an `evaluate_samplers` result into the JSON beside `weights`: the whole table as `sampler_fid`, and the
-    row of the default sampler (`DEFAULT_SAMPLER`, `DEFAULT_STEPS`), if it was run, as the model's `fid`."""
+def record_path(weights: str | Path = SHIPPED_DDPM, force: bool = False) -> Path:
+    "The JSON beside `weights` that `record_evaluation` would write; refuses the package's own unless `force`."
     from ldm_course.ddpm import _resolve_weights
-    from ldm_course.files import save_json
+    from ldm_course.files import weights_dir
     path = _resolve_weights(weights)
     json_path = path.with_suffix(".json") if path.suffix == ".safetensors" else path / "config.json"
+    if not force and json_path.resolve().parent == weights_dir().resolve():
+        raise ValueError(f"{json_path} belongs to the installed package; copy the weights and their JSON elsewhere and "
+                         f"record into the copy (--weights COPY.safetensors), or save the table with --json FILE")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path} does not exist; expected the JSON saved beside the weights by train_ddpm")
+    return json_path
+
+
+def record_evaluation(result: dict, weights: str | Path = SHIPPED_DDPM, force: bool = False) -> Path:
+    """Save an `evaluate_samplers` result into the JSON beside `weights`: the whole table as `sampler_fid` (or as
+    `sampler_fid_unclipped` when it was sampled without clipping $\\hat x_0$), and the row of the default sampler
+    (`DEFAULT_SAMPLER`, `DEFAULT_STEPS`, `DEFAULT_CLIP`), if it was run, as the model's `fid`.
+
+    Refuses, unless `force`, to write into the package's own weights (`ldm_course/weights/`: record into a copy) and
+    to replace a recorded table of more samples per run with one of fewer."""
+    from ldm_course.files import save_json
+    json_path = record_path(weights, force)
     meta = json.loads(json_path.read_text(encoding="utf-8"))
-    meta["sampler_fid"] = result
-    best = [r for r in result["rows"] if (r["sampler"], r["steps"]) == (DEFAULT_SAMPLER, DEFAULT_STEPS)]
+    clipped = all(r.get("clip_sample", False) for r in result["rows"])
+    key = "sampler_fid" if clipped else "sampler_fid_unclipped"
+    if not force and meta.get(key, {}).get("n", 0) > result["n"]:
+        raise ValueError(f"{json_path} already records {key} with n={meta[key]['n']} samples per run; this table has "
+                         f"n={result['n']}: refusing to replace it with a less precise one (pass --force to do it anyway)")
+    meta[key] = result
+    best = [r for r in result["rows"]
+            if (r["sampler"], r["steps"], r.get("clip_sample", False)) == (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CLIP)]
     if best:
         meta["fid"] = {k: best[0][k] for k in ("sampler", "steps", "clip_sample", "fid", "kid", "kid_std", "n")}
         meta["fid"].update(n_real=result["n_real"], real_vs_real_fid=result["reference"]["fid"])

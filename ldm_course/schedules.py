@@ -154,7 +154,7 @@ class NoiseSchedule:
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator,
                              device=generator.device if generator is not None else device).to(device or "cpu")
 
-# %% ../nbs/02_schedules.ipynb #bba50e5c
+# %% ../nbs/02_schedules.ipynb #ae0bdd62
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 

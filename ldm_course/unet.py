@@ -106,6 +106,8 @@ def _check_inputs(unet, x, t, class_labels, context, context_mask):
     if t.ndim == 0: t = t.expand(B)
     elif t.shape != (B,):
         raise ValueError(f"t must be a scalar or have shape (B,) = ({B},); got shape {tuple(t.shape)}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError("t contains NaN or infinite timesteps; expected finite values in [0, num_train_timesteps)")
     if unet.num_classes is None:
         if class_labels is not None:
             raise ValueError("class_labels given but this UNet was built with num_classes=None")

@@ -30,10 +30,12 @@ def test_demo_from_a_fresh_process(tmp_path):
     res = _json(out.stdout)
     assert res["samples"] == str(tmp_path / "samples.png") and res["gif"] == str(tmp_path / "denoising.gif")
     assert (tmp_path / "samples.png").stat().st_size > 10_000 and (tmp_path / "denoising.gif").stat().st_size > 10_000
-    assert res["sampler"] == "dpmpp_2m" and res["n"] == 64 and sum(res["classes"].values()) == 64
+    assert res["sampler"] == "ddpm" and res["steps"] == 20 and res["clip_sample"] and res["n"] == 64 and sum(res["classes"].values()) == 64
     assert "wrote" in out.stderr and str(tmp_path / "samples.png") in out.stderr
-    # the shipped cpu-trained model makes recognisable garments: the FID classifier finds all 10 classes in the grid
-    assert len(res["classes"]) == 10 and min(res["classes"].values()) >= 1, res["classes"]
+    # the shipped cpu-trained model makes recognisable garments of many kinds: the FID classifier finds at least 8 of
+    # the 10 classes in the grid, none in more than a quarter of it
+    assert len(res["classes"]) == 10 and sum(v > 0 for v in res["classes"].values()) >= 8, res["classes"]
+    assert max(res["classes"].values()) <= 16, res["classes"]
 
 
 def test_generate_same_seed_same_bytes(tmp_path):
@@ -58,6 +60,13 @@ def test_generate_same_seed_same_bytes(tmp_path):
     (["train", "ddpm", "--out", "weights.pt"], "must end in .safetensors"),
     (["train", "ddpm", "--n-train", "0"], "--n-train must be ≥ 1"),
     (["eval", "samplers", "--runs", "ddim:ten"], "write sampler:steps"),
+    (["generate", "--seed", "99999999999999999999999"], "--seed must lie in [0, 2**63)"),
+    (["generate", "--seed", "-1"], "--seed must lie in [0, 2**63)"),
+    (["demo", "--out", "README.md"], "is a file; give a folder"),
+    (["generate", "--n", "10000000000"], "more than one grid can show"),
+    (["bench", "unet", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["eval", "samplers", "--record", "--runs", "ddim:2", "--n", "4"], "belongs to the installed package"),
+    (["eval", "samplers", "--json", "tests", "--runs", "ddim:2", "--n", "4"], "--json tests is a folder"),
 ])
 def test_bad_args_one_line_no_traceback(args, expect):
     out = _cli(*args)
@@ -80,7 +89,7 @@ def test_train_then_eval_records_fid(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = _json(out.stdout)
     meta = json.loads(w.with_suffix(".json").read_text())
-    assert meta["fid"]["fid"] == res["fid"] and meta["fid"]["n"] == 8 and meta["fid"]["sampler"] == "dpmpp_2m"
+    assert meta["fid"]["fid"] == res["fid"] and meta["fid"]["n"] == 8 and meta["fid"]["sampler"] == "ddpm"
     assert meta["training"]["command"].startswith("ldm-course train ddpm")
     out = _cli("eval", "samplers", "--weights", str(w), "--runs", "ddpm:3,ddim:3", "--n", "8", "--json", str(tmp_path / "e.json"),
                "--plot", str(tmp_path / "e.png"))
@@ -100,3 +109,51 @@ def test_bench_unet_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())
     assert len(rows) >= 4 and "|" in out.stdout
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    "Without --threads or $OMP_NUM_THREADS, torch gets the cores that other work leaves free (at least one)."
+    import os, torch
+    from ldm_course.cli import set_threads
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        for load, expect in ((0.0, 8), (2.6, 5), (7.9, 1), (30.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            assert set_threads() == expect == torch.get_num_threads(), load
+        assert set_threads(3) == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert set_threads() == 2          # the user's choice stands
+        with pytest.raises(ValueError, match="--threads must be ≥ 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_record_never_replaces_a_better_table(tmp_path):
+    "--record into a copy works; a table of fewer samples per run does not silently replace one of more."
+    import shutil
+    from ldm_course.files import weights_dir
+    for ext in (".safetensors", ".json"): shutil.copy(weights_dir() / f"fmnist_ddpm{ext}", tmp_path / f"m{ext}")
+    assert json.loads((tmp_path / "m.json").read_text())["sampler_fid"]["n"] == 500   # the shipped table
+    before = (tmp_path / "m.json").read_bytes()
+    out = _cli("eval", "samplers", "--weights", str(tmp_path / "m.safetensors"), "--runs", "ddim:2", "--n", "4", "--record")
+    assert out.returncode == 2 and "refusing to replace it" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert (tmp_path / "m.json").read_bytes() == before
+    out = _cli("eval", "samplers", "--weights", str(tmp_path / "m.safetensors"), "--runs", "ddim:2", "--n", "4", "--record",
+               "--force")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "m.json").read_text())["sampler_fid"]["n"] == 4
+
+
+def test_train_never_loses_a_run(tmp_path):
+    "A checkpoint beside --out is kept unless --resume (continue) or --overwrite; --resume needs a checkpoint."
+    w, ck = tmp_path / "m.safetensors", tmp_path / "m.ckpt.safetensors"
+    ck.write_bytes(b"an earlier run")
+    out = _cli("train", "ddpm", "--epochs", "1", "--n-train", "64", "--out", str(w))
+    assert out.returncode == 2 and "holds an earlier run" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert ck.read_bytes() == b"an earlier run" and not w.exists()
+    out = _cli("train", "ddpm", "--resume", "--out", str(tmp_path / "new.safetensors"))
+    assert out.returncode == 2 and "no checkpoint at" in out.stderr, out.stderr

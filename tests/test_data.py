@@ -105,3 +105,14 @@ def test_scale(monkeypatch):
 def test_show_images_bad_shape():
     with pytest.raises(ValueError, match=r"got shape \(2, 2, 8, 8\)"):
         data.show_images(torch.zeros(2, 2, 8, 8))
+
+
+def test_partial_copy_never_mixes_datasets(tmp_path, no_data):
+    "A folder with only the test split of Fashion-MNIST: the train split is an error, not bundled MNIST digits."
+    _fake_fashion(tmp_path / "d", n=20)
+    for f in (tmp_path / "d" / "fashion-mnist").glob("train-*"): f.unlink()
+    assert data.load_dataset("fashion_mnist", "test", root=tmp_path / "d").name == "fashion_mnist"
+    with pytest.raises(FileNotFoundError, match="has the test split of 'fashion_mnist' but not its train split"):
+        data.load_dataset("fashion_mnist", "train", root=tmp_path / "d", download=False)
+    with pytest.raises(FileNotFoundError, match="but not its train split"):
+        data.get_dataloaders("fashion_mnist", root=tmp_path / "d")

@@ -1,6 +1,6 @@
 """ldm_course.ddpm: ε / v targets replay the RNG, the callback, overfitting, exact resume, save/load, the ancestral
 sampler (equal to `diffusers.DDPMScheduler` and to `samplers.sample(..., 'ddpm')`), GIFs, bad input."""
-import subprocess, sys, types
+import re, subprocess, sys, types
 
 import pytest
 import torch
@@ -267,10 +267,16 @@ def test_shipped_model_loads_by_name():
     assert tr["dataset"] == "fashion_mnist" and tr["unet"] == "mini" and tr["n_train"] == 60_000
     total = sum(f.stat().st_size for f in weights_dir().iterdir())
     assert total <= 15 * 2**20, f"shipped weights are {total / 2**20:.1f} MB; the budget is 15 MB"
-    assert info["fid"]["sampler"] == "dpmpp_2m" and info["fid"]["n"] >= 500 and info["fid"]["fid"] > 0
-    runs = {(r["sampler"], r["steps"]) for r in info["sampler_fid"]["rows"]}
-    assert {("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("euler", 10), ("euler", 20),
-            ("euler", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)} <= runs
+    assert info["fid"]["sampler"] == "ddpm" and info["fid"]["steps"] == 20 and info["fid"]["n"] >= 500 and info["fid"]["fid"] > 0
+    from ldm_course.samplers import DEFAULT_CLIP, DEFAULT_RUNS
+    assert info["fid"]["clip_sample"] == DEFAULT_CLIP
+    for key, clip in (("sampler_fid", True), ("sampler_fid_unclipped", False)):   # the tables with and without clipping
+        rows = info[key]["rows"]
+        assert {r["clip_sample"] for r in rows} == {clip} and info[key]["n"] >= 500, key
+        runs = {(r["sampler"], r["steps"]) for r in rows}
+        assert {("ddim", 20), ("euler", 20), ("dpmpp_2m", 10), ("dpmpp_2m", 20)} <= runs <= set(DEFAULT_RUNS), key
+    assert ("ddpm", 1000) in {(r["sampler"], r["steps"]) for r in info["sampler_fid_unclipped"]["rows"]}
+    assert ("ddpm", 20) in {(r["sampler"], r["steps"]) for r in info["sampler_fid"]["rows"]}   # the default's row
 
 
 def test_unknown_shipped_name():
@@ -287,5 +293,64 @@ def test_train_checkpoint_and_resume(tmp_path):
     assert ckpt.exists()
     resumed, learn, info = train_ddpm(**kw, checkpoint=ckpt, resume=True, command="my command")
     assert learn.step == 4 and info["command"] == "my command"
+    # the record covers the whole run, not only the part after the resume
+    _, _, full = train_ddpm(**kw, command="my command")
+    assert [r["epoch"] for r in info["history"]] == [0, 1] and len(info["losses"]) == 4
+    assert info["losses"] == full["losses"] and info["history"][0]["train_loss"] == full["history"][0]["train_loss"]
     for a, b in zip(ref.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
+    # a new run never replaces the checkpoint silently, and resume needs something to resume from
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        train_ddpm(**kw, checkpoint=ckpt)
+    assert ckpt.read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train_ddpm(**kw, checkpoint=tmp_path / "none.safetensors", resume=True)
+    with pytest.raises(ValueError, match="n_train was 64, now 32"):   # a resume continues the same run
+        train_ddpm(**{**kw, "n_train": 32}, checkpoint=ckpt, resume=True)
+    train_ddpm(**kw, max_steps=2, checkpoint=ckpt, overwrite=True)   # one full epoch: a checkpoint at step 2
+    assert ckpt.read_bytes() != before
+
+
+def test_weights_with_nan_are_refused(tmp_path):
+    "A diverged model (NaN in a tensor) is an error at load time, not a black image later."
+    from ldm_course.ddpm import SHIPPED_DDPM, weights_dir
+    from ldm_course.files import load_tensors, save_tensors
+    import shutil
+    t = load_tensors(weights_dir() / f"{SHIPPED_DDPM}.safetensors")
+    k = next(k for k, v in t.items() if v.is_floating_point())
+    t[k] = t[k].clone(); t[k].view(-1)[0] = float("nan")
+    save_tensors(t, tmp_path / "m.safetensors")
+    shutil.copy(weights_dir() / f"{SHIPPED_DDPM}.json", tmp_path / "m.json")
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        load_ddpm(tmp_path / "m.safetensors")
+
+
+def _edit_config(j, **changes):
+    import json
+    info = json.loads(j.read_text())
+    info["config"] = {**info["config"], **changes}
+    j.write_text(json.dumps(info))
+
+
+def _drop_tensors(w, part):
+    from ldm_course.files import load_tensors, save_tensors
+    save_tensors({k: v for k, v in load_tensors(w).items() if part not in k}, w)
+
+
+@pytest.mark.parametrize("break_it, expect", [
+    (lambda j, w: j.write_text("{not json"), "is not valid JSON"),
+    (lambda j, w: j.write_text("[1, 2]"), "holds a JSON list"),
+    (lambda j, w: _edit_config(j, wings=2), "unknown UNet argument(s) ['wings']"),
+    (lambda j, w: _edit_config(j, attention_levels=[True]), "config does not build a UNet"),
+    (lambda j, w: _drop_tensors(w, "conv_in"), "does not fit the UNet"),
+])
+def test_broken_sidecars_say_which_file(tmp_path, break_it, expect):
+    "A broken JSON or weights file beside a DDPM: a ValueError naming the file, never a raw traceback."
+    import shutil
+    from ldm_course.ddpm import SHIPPED_DDPM, weights_dir
+    w, j = tmp_path / "m.safetensors", tmp_path / "m.json"
+    shutil.copy(weights_dir() / f"{SHIPPED_DDPM}.safetensors", w); shutil.copy(weights_dir() / f"{SHIPPED_DDPM}.json", j)
+    break_it(j, w)
+    with pytest.raises(ValueError, match=re.escape(expect)):
+        load_ddpm(w)

@@ -45,6 +45,13 @@ def test_exact_resume(tmp_path, k):
     ema_a, ema_b = full.find_cb(EMACB).ema_model, resumed.find_cb(EMACB).ema_model
     for a, b in zip(ema_a.state_dict().values(), ema_b.state_dict().values()):
         assert torch.equal(a, b)
+    # the metrics record the whole run: every step's loss and the epoch averages, the resumed epoch included
+    m_full, m_res = full.find_cb(MetricsCB), resumed.find_cb(MetricsCB)
+    assert m_res.losses == pytest.approx(m_full.losses, abs=1e-6)
+    assert len(m_res.history) == len(m_full.history) == 2
+    for a, b in zip(m_full.history, m_res.history):
+        for key in ("train_loss", "valid_loss", "valid_accuracy"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (key, a, b)
 
 
 def test_checkpoint_files_atomic(tmp_path):
@@ -128,3 +135,23 @@ def test_metrics_weighted_by_batch_size():
         xs, ys = dls[1].dataset[torch.arange(32)]
         preds = model(xs)
     assert abs(m.history[0]["valid_accuracy"] - accuracy(preds, ys).item()) < 1e-6
+
+
+def test_checkpoint_pair_must_match(tmp_path):
+    "The .safetensors and .json of a checkpoint carry one id: files of two different saves are refused, not mixed."
+    learn = _learner().fit(1, max_steps=2)
+    learn.save_checkpoint(tmp_path / "a")
+    learn.fit(1, max_steps=3)
+    learn.save_checkpoint(tmp_path / "b")
+    (tmp_path / "a.json").write_text((tmp_path / "b.json").read_text())   # new JSON beside old tensors
+    with pytest.raises(ValueError, match="come from different saves"):
+        _learner().fit(1, resume_from=tmp_path / "a")
+    _learner().fit(1, resume_from=tmp_path / "b")   # a matching pair loads
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    "A write that was killed leaves `.name.XXXX.tmp`; the next write of that file removes it."
+    stale = tmp_path / ".w.safetensors.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    save_tensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

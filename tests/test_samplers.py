@@ -284,3 +284,15 @@ def test_diffusers_euler_has_no_clip():
     with pytest.raises(ValueError, match="EulerDiscreteScheduler has no"):
         diffusers_sample(PIXELS.denoiser(NoiseSchedule("linear")), NoiseSchedule("linear"), torch.zeros(SHAPE), "euler", 5,
                          clip_sample=True)
+
+
+@pytest.mark.parametrize("eta", [1.5, float("nan"), float("inf"), -0.1])
+def test_eta_out_of_range_raises(eta):
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+        sample(PIXELS.denoiser(NoiseSchedule("linear")), NoiseSchedule("linear"), SHAPE, "ddim", 5, eta=eta, progress=False)
+
+
+def test_non_finite_start_noise_raises():
+    x_T = torch.zeros(SHAPE); x_T[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_T contains NaN"):
+        sample(PIXELS.denoiser(NoiseSchedule("linear")), NoiseSchedule("linear"), None, "ddim", 5, x_T=x_T, progress=False)

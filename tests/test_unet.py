@@ -193,3 +193,10 @@ def test_bench_runs_and_formats(tmp_path):
     assert (tmp_path / "bench.json").is_file()
     table = format_bench(rows)
     assert table.startswith("| config") and table.count("\n") == 3
+
+
+def test_non_finite_timesteps_raise():
+    from ldm_course.unet import UNet, unet_config
+    m = UNet(**unet_config("tiny"))
+    with pytest.raises(ValueError, match="NaN or infinite timesteps"):
+        m(torch.zeros(2, 1, 32, 32), torch.tensor([1.0, float("nan")]))
