@@ -183,7 +183,7 @@ def test_bad_input():
         sample(m, s, None, "ddim", 3)
     with pytest.raises(ValueError, match="only used by sampler='ddim'"):
         sample(m, s, SHAPE, "dpmpp_2m", 3, eta=1.0)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
         sample(m, s, SHAPE, "ddim", 3, eta=-1.0)
     with pytest.raises(ValueError, match="unknown prediction_type 'sample'"):
         sample(m, s, SHAPE, "ddim", 3, prediction_type="sample")
