@@ -119,7 +119,8 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     images. Pass `epochs`, `n_train`, ... for a shorter run.
     `config`: a `UNET_CONFIGS` name or a full UNet config dict (default from `ddpm_recipe()`);
     `checkpoint`: a file for a resumable checkpoint written after every epoch (and every 200 steps); `resume=True`
-    continues from it (it must exist), and an existing checkpoint is never replaced by a new run unless `overwrite`. `command`: how to rerun this, recorded in `info` (default: the Python call).
+    continues from it (it must exist), and an existing checkpoint is never replaced by a new run unless `overwrite`.
+    `command`: how to rerun this, recorded in `info` (default: the Python call).
     `schedule`: default `NoiseSchedule("linear")` (T = 1000); `class_cond` trains a class-conditional UNet.
     Returns `(ema_model, learn, info)`: the EMA model in eval mode, the `Learner` (its `model` is the raw model,
     `find_cb(MetricsCB).history` the epoch rows) and a JSON-able `info` dict. With `out` (a `.safetensors` file or a

@@ -112,9 +112,9 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, x_t: 
         raise ValueError(f"eta must be >= 0 (0 = DDIM, 1 = DDPM-like noise); got eta={eta}")
     ac = schedule.alphas_cumprod
     abar_t, abar_s = ac[t], (ac[prev_t] if prev_t >= 0 else torch.tensor(1.0))
-    _, eps = predict_x0_eps(x_t, model_output, abar_t, prediction_type)
-    x0 = predict_x0(x_t, model_output, abar_t, prediction_type, clip_sample, clip_sample_range)
-    if clip_sample:   # the noise that agrees with the clipped guess, so that the step stays on x_t's own line
+    x0, eps = predict_x0_eps(x_t, model_output, abar_t, prediction_type)
+    if clip_sample:   # clamp the guess, then take the noise that agrees with it, so the step stays on x_t's own line
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
         eps = (x_t - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5
     var = ((1 - abar_s) / (1 - abar_t)) * (1 - abar_t / abar_s)
     std = eta * var**0.5
