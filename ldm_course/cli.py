@@ -11,7 +11,7 @@ from pathlib import Path
 import ldm_course
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'TRAIN', 'BENCHES', 'info', 'parse_runs', 'set_threads', 'build_parser', 'run', 'main']
+__all__ = ['TRAIN', 'BENCHES', 'info', 'parse_runs', 'set_threads', 'build_parser', 'run', 'main']
 
 # %% ../nbs/17_cli.ipynb #391c7ed8
 def info() -> dict:
@@ -64,7 +64,8 @@ def set_threads(n: int | None = None) -> int:
         try: busy = os.getloadavg()[0]
         except (OSError, AttributeError): busy = 0.0   # no load average on this OS
         n = max(1, min(cores, round(cores - busy)))
-    if n < 1: raise ValueError(f"--threads must be ≥ 1, got {n}")
+    cap = 4 * (os.cpu_count() or 1)   # far more threads than cores only slows down; tens of thousands crash torch
+    if not 1 <= n <= cap: raise ValueError(f"--threads must be ≥ 1 and at most {cap} (4 × the {os.cpu_count()} cores), got {n}")
     torch.set_num_threads(n)
     return n
 
@@ -86,17 +87,22 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"--seed must lie in [0, 2**63); got {seed}")
 
 
-def _writable_dir(out: str | Path, files: tuple[str, ...] = ()) -> Path:
-    "Check, before any work, that `out` is (or can become) a writable folder and that `files` in it can be written."
+def _writable_dir(out: str | Path, files: tuple[str, ...] = (), flag: str = "--out") -> Path:
+    """Check, before any work, that `out` is (or can become) a writable folder and that `files` in it can be written;
+    `flag` names it in the messages (e.g. 'the folder of --plot')."""
+    if not str(out).strip(): raise ValueError(f"{flag} is empty; give a folder for the results")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the results")
+        raise ValueError(f"{flag} {out} is a file; give a folder for the results")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create the folder --out {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"--out {out} is not writable; give a folder you can write to")
+        raise ValueError(f"cannot create the folder {flag} {out}: {e.strerror}") from None
+    try:   # a real probe: os.access says yes to root on a read-only disk
+        from ldm_course.files import check_writable
+        check_writable(out / ".ldm-course-probe")
+    except PermissionError:
+        raise ValueError(f"{flag} {out} is not writable; give a folder you can write to") from None
     for f in files:
         if (out / f).is_dir(): raise ValueError(f"{out / f} is a folder; remove it or choose another --out")
     return out
@@ -105,19 +111,17 @@ def _writable_dir(out: str | Path, files: tuple[str, ...] = ()) -> Path:
 def _writable_file(path: str | None, flag: str) -> None:
     "Check, before any work, that the file `path` given with `flag` can be written."
     if path is None: return
+    if not str(path).strip(): raise ValueError(f"{flag} is empty; give a file name")
     p = Path(path)
     if p.is_dir(): raise ValueError(f"{flag} {p} is a folder; give a file name")
-    _writable_dir(p.parent if str(p.parent) else ".")
+    _writable_dir(p.parent if str(p.parent) else ".", flag=f"the folder of {flag}")
 
 
 def _safetensors_out(out: str | None, what: str) -> Path:
     out = Path(out or f"out/{what}.safetensors")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {out}")
+    if out.suffix != ".safetensors":   # '.safetensors' alone is a hidden file without a suffix
+        raise ValueError(f"--out must end in .safetensors and name a file (e.g. out/{what}.safetensors), got {out}")
     return out
-
-
-MAX_GRID = 4096   # images in one samples.png: 64 × 64 tiles, already 8,700 pixels wide
 
 
 def _demo(args) -> dict:
@@ -130,11 +134,11 @@ def _demo(args) -> dict:
 
 
 def _generate(args) -> dict:
-    from ldm_course.samplers import generate
+    from ldm_course.ddpm import _resolve_weights
+    from ldm_course.samplers import check_grid_n, generate
+    _resolve_weights(args.weights)     # an empty or unknown name fails before the output folder is made
     _positive(args, "n", "steps")
-    if args.n > MAX_GRID:
-        raise ValueError(f"--n {args.n} is more than one grid can show (at most {MAX_GRID}); for many samples use "
-                         f"`ldm-course eval samplers --n N` or ldm_course.samplers.sample in batches")
+    check_grid_n(args.n, name="--n")   # the library's own limit (MAX_GRID), before the output folder is made
     _check_seed(args.seed)
     _writable_dir(args.out, ("samples.png",) + (() if args.no_gif else ("denoising.gif",)))
     return generate(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif,
@@ -148,11 +152,12 @@ def _train_ddpm(args) -> dict:
     out = _safetensors_out(args.out, "ddpm")
     _writable_file(str(out), "--out")
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
-    _, _, info = train_ddpm(epochs=args.epochs, n_train=args.n_train, out=out, checkpoint=ckpt, resume=args.resume,
-                            overwrite=args.overwrite, command=args.command_line)
+    _, _, info = train_ddpm(args.dataset, epochs=args.epochs, n_train=args.n_train, out=out, checkpoint=ckpt,
+                            resume=args.resume, overwrite=args.overwrite, command=args.command_line,
+                            fallback=args.allow_fallback or None)
     fid_n = args.fid_n or by_scale(ci=32, cpu=1000, gpu=5000)
     run_spec = f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"
-    ev = evaluate_samplers(out, [(DEFAULT_SAMPLER, DEFAULT_STEPS)], n=fid_n, progress=False,
+    ev = evaluate_samplers(out, [(DEFAULT_SAMPLER, DEFAULT_STEPS)], n=fid_n, progress=False, fallback=args.allow_fallback or None,
                            command=f"ldm-course eval samplers --weights {out} --runs {run_spec} --n {fid_n} --record")
     record_evaluation(ev, out, force=True)   # the JSON this run has just written, wherever --out put it
     summary = {k: info[k] for k in ("dataset", "unet", "params", "epochs", "steps", "seconds", "hardware")}
@@ -164,7 +169,8 @@ def _train_classifier(args) -> dict:
     from ldm_course.metrics import train_fid_classifier
     out = _safetensors_out(args.out, "classifier")
     _writable_file(str(out), "--out")
-    _, summary = train_fid_classifier(out=out, epochs=args.epochs, command=args.command_line)
+    _, summary = train_fid_classifier(out=out, epochs=args.epochs, dataset=args.dataset, command=args.command_line,
+                                      fallback=args.allow_fallback or None)
     return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
 
 
@@ -173,6 +179,8 @@ TRAIN = {"ddpm": _train_ddpm, "classifier": _train_classifier}
 
 def _train(args) -> dict:
     _positive(args, "epochs", "n-train", "fid-n")
+    if args.fid_n is not None and args.fid_n < 2:   # found now, not after the training
+        raise ValueError(f"--fid-n must be ≥ 2 (FID needs a covariance), got {args.fid_n}")
     return TRAIN[args.what](args)
 
 
@@ -180,12 +188,13 @@ def _eval(args) -> dict:
     from ldm_course.files import save_json
     from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation, record_path
     _positive(args, "n")
+    if args.n is not None and args.n < 2: raise ValueError(f"--n must be ≥ 2 (FID needs a covariance), got {args.n}")
     if args.record: record_path(args.weights, args.force)   # before the work, not after it
     _check_seed(args.seed)
     _writable_file(args.json, "--json"); _writable_file(args.plot, "--plot")
-    runs = parse_runs(args.runs) if args.runs else None
+    runs = parse_runs(args.runs) if args.runs is not None else None   # --runs '' is an error, not the full table
     res = evaluate_samplers(args.weights, runs, args.n, args.seed, clip_sample=not args.no_clip,
-                            command=args.command_line)
+                            command=args.command_line, fallback=args.allow_fallback or None)
     print(quality_table(res["rows"], res["reference"]))
     if args.record: res["recorded_in"] = str(record_evaluation(res, args.weights, force=args.force))
     if args.json: save_json(res, args.json)
@@ -218,13 +227,14 @@ def _bench(args) -> dict:
     from ldm_course.files import save_json
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but this machine has no CUDA GPU that torch can use; use --device cpu")
+    _writable_file(args.json, "--json")
     rows = BENCHES[args.what](args)
     if args.json: save_json(rows, args.json)
     return {"rows": len(rows), "json": args.json}
 
 # %% ../nbs/17_cli.ipynb #6a0c3706
 def build_parser() -> argparse.ArgumentParser:
-    from ldm_course.data import SCALES
+    from ldm_course.data import DATASETS, SCALES
     from ldm_course.ddpm import SHIPPED_DDPM
     from ldm_course.samplers import DEFAULT_RUNS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
     p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
@@ -255,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="ddpm: continue from the checkpoint beside --out")
     t.add_argument("--overwrite", action="store_true", help="ddpm: start a new run over the checkpoint beside --out")
     t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
+    t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
+                   help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
+    t.add_argument("--allow-fallback", action="store_true",
+                   help="train on the bundled MNIST digits when --dataset is not available (without --dataset: always)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a trained model")
     e.add_argument("what", choices=["samplers"], help="the FID/KID table of sampler × steps")
@@ -267,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the result here")
     e.add_argument("--plot", default=None, help="save the FID-vs-NFE plot here (.png)")
     e.add_argument("--record", action="store_true", help="save the table into the weights' JSON")
+    e.add_argument("--allow-fallback", action="store_true",
+                   help="score against the bundled MNIST digits when the model's dataset is not available")
     e.add_argument("--force", action="store_true",
                    help="with --record: also into the package's own weights, or over a table of more samples")
     e.set_defaults(func=_eval)
@@ -298,8 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled up, a file became unreadable...: say which file, in one line
-        print(f"error: {e.strerror or e} ({e.filename or 'no file name'}); check the path, its permissions and the "
-              f"free space", file=sys.stderr)
+        if e.filename is None and e.strerror is None:   # our own message, which names the file already
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e} ({e.filename or 'no file name'}); check the path, its permissions and "
+                  f"the free space", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:   # training diverged: the message says at which step and what to try
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

