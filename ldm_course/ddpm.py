@@ -16,7 +16,7 @@ from torch import nn
 
 from .data import by_scale, get_dataloaders, get_scale
 from .files import Pretrained, _weight_paths, atomic_write, check_writable, hardware, load_tensors, weights_dir
-from .learner import Callback, CheckpointCB, EMACB, GradClipCB, Learner, MetricsCB, OneCycleCB, ProgressCB
+from .learner import Callback, CheckpointCB, EMACB, check_checkpoint, check_same_run, GradClipCB, Learner, MetricsCB, OneCycleCB, ProgressCB
 from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 from .unet import UNet, count_params, unet_config
 
@@ -89,22 +89,6 @@ def ddpm_recipe(scale: str | None = None) -> dict:
                 ema_decay=by_scale(0.9, 0.999, 0.9999, scale))
 
 # %% ../nbs/06_ddpm.ipynb #c017
-def _check_same_run(checkpoint: str | Path, args: dict) -> None:
-    "A resume must continue the same run: the settings stored in the checkpoint must equal `args`."
-    import json
-    meta_path = Path(checkpoint).with_suffix(".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing; a checkpoint is a .safetensors + .json pair")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    saved = next((m["run"] for k, m in meta.get("callbacks", {}).items() if k.endswith(".CheckpointCB") and "run" in m), None)
-    if saved is None: return   # a checkpoint from before runs were recorded: nothing to compare
-    differ = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(args)).items() if saved.get(k) != v}
-    if differ:
-        raise ValueError(f"{checkpoint} is a run with other settings: " +
-                         ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items()) +
-                         "; resume with the same settings, or start a new run (--overwrite)")
-
-
 def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epochs: int | None = None,
                n_train: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
                prediction_type: str = "epsilon", ema_decay: float | None = None,
@@ -129,19 +113,9 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     `find_cb(MetricsCB).history` the epoch rows) and a JSON-able `info` dict. With `out` (a `.safetensors` file or a
     folder) the EMA model is saved with `save_pretrained`, `info` beside it; `load_ddpm(out)` reads it back."""
     _check_prediction_type(prediction_type)
-    if checkpoint is not None:   # before any work: never lose a run, never resume from nothing
-        has_ckpt = Path(checkpoint).exists()
-        if resume and not has_ckpt:
-            raise FileNotFoundError(f"resume=True but there is no checkpoint at {checkpoint}; train without resume "
-                                    f"(--resume) to start a new run")
-        if has_ckpt and not resume and not overwrite:
-            raise ValueError(f"{checkpoint} holds an earlier run; resume=True (--resume) continues it, overwrite=True "
-                             f"(--overwrite) starts a new run over it")
-    elif resume:
-        raise ValueError("resume=True needs the checkpoint file to resume from (checkpoint=...)")
+    check_checkpoint(checkpoint, resume, overwrite)   # before any work: never lose a run, never resume from nothing
     if out is not None:
         for f in _weight_paths(out): check_writable(f, "weights file" if f.suffix == ".safetensors" else "weights JSON")
-    if checkpoint is not None: check_writable(Path(checkpoint).with_suffix(".safetensors"), "checkpoint")
     recipe = ddpm_recipe()
     config = config or recipe["config"]
     epochs = epochs if epochs is not None else recipe["epochs"]
@@ -170,7 +144,7 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     if progress: cbs.append(ProgressCB())
     args = dict(dataset=dataset, config=config, epochs=epochs, n_train=n_train, batch_size=batch_size, lr=lr,
                 prediction_type=prediction_type, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
-    if resume: _check_same_run(checkpoint, args)
+    if resume: check_same_run(checkpoint, args)
     if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200, run=args))
     learn = Learner(model, (train_dl, valid_dl), F.mse_loss, lr=lr, cbs=cbs)
     resume_from = checkpoint if resume else None

@@ -18,7 +18,7 @@ from .files import check_writable, load_tensors, save_json, save_tensors
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'default_mixed_precision',
            'get_accelerator', 'Learner', 'shard_batch', 'batch_len', 'accuracy', 'MetricsCB', 'ProgressCB',
-           'one_cycle_lr', 'OneCycleCB', 'GradClipCB', 'EMACB', 'CheckpointCB']
+           'one_cycle_lr', 'OneCycleCB', 'GradClipCB', 'EMACB', 'CheckpointCB', 'check_checkpoint', 'check_same_run']
 
 # %% ../nbs/01_learner.ipynb #c012
 class CancelFitException(Exception): "Raise in a callback to stop `fit` cleanly (`after_fit` still runs)."
@@ -492,3 +492,34 @@ class CheckpointCB(Callback):
             self.learn.save_checkpoint(self.path)
 
     def after_full_epoch(self): self.learn.save_checkpoint(self.path)
+
+
+def check_checkpoint(checkpoint: str | Path | None, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any work, for a trainer with a `checkpoint` file: never lose a run (an existing checkpoint is replaced
+    only with `overwrite`), never resume from nothing (`resume` needs the file), and the file must be writable."""
+    if checkpoint is None:
+        if resume: raise ValueError("resume=True needs the checkpoint file to resume from (checkpoint=...)")
+        return
+    has_ckpt = Path(checkpoint).exists()
+    if resume and not has_ckpt:
+        raise FileNotFoundError(f"resume=True but there is no checkpoint at {checkpoint}; train without resume "
+                                f"(--resume) to start a new run")
+    if has_ckpt and not resume and not overwrite:
+        raise ValueError(f"{checkpoint} holds an earlier run; resume=True (--resume) continues it, overwrite=True "
+                         f"(--overwrite) starts a new run over it")
+    check_writable(Path(checkpoint).with_suffix(".safetensors"), "checkpoint")
+
+
+def check_same_run(checkpoint: str | Path, run: dict) -> None:
+    "A resume must continue the same run: the settings a `CheckpointCB(run=...)` stored must equal `run`."
+    meta_path = Path(checkpoint).with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing; a checkpoint is a .safetensors + .json pair")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    saved = next((m["run"] for k, m in meta.get("callbacks", {}).items() if k.endswith(".CheckpointCB") and "run" in m), None)
+    if saved is None: return   # a checkpoint from before runs were recorded: nothing to compare
+    differ = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(run)).items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"{checkpoint} is a run with other settings: " +
+                         ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items()) +
+                         "; resume with the same settings, or start a new run (--overwrite)")
