@@ -280,6 +280,22 @@ class DatasetSpec:
     download: Callable[[Path, str], None] | None = None  # (cache dir, split) -> files that `load` can read
 
 
+def _read_catdog(base: Path, split: str) -> ImageDataset:
+    """CIFAR-10's cats (label 0) and dogs (1): the offline copy `cifar10-catdog/` (decoded from JPEG: lossy, see its
+    README), else the original CIFAR-10 that the registry downloads, filtered."""
+    path = base / "cifar10-catdog" / "cifar10_catdog_from_jpeg_q75.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = torch.from_numpy(z[f"x_{split}"]).permute(0, 3, 1, 2).contiguous(), z[f"y_{split}"]
+    else:
+        full = base / f"cifar10-{split}.npz"
+        if not full.exists(): raise FileNotFoundError(path)
+        with np.load(full, allow_pickle=False) as z:
+            keep = np.isin(z["labels"], (3, 5))
+            images, labels = torch.from_numpy(z["images"][keep]), z["labels"][keep]
+    return ImageDataset(images, torch.from_numpy((labels == 5).astype(np.int64)), ("cat", "dog"), name="cifar10_catdog")
+
+
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DIGITS = tuple(str(i) for i in range(10))
 
@@ -293,6 +309,8 @@ DATASETS: dict[str, DatasetSpec] = {
                            ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
                            _npz_loader("cifar10", "cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
                            _download_cifar10),
+    "cifar10_catdog": DatasetSpec("cifar10_catdog", "CIFAR-10's cats and dogs, 10k/2k RGB 32×32, 2 classes",
+                                  ("cat", "dog"), _read_catdog, _download_cifar10),
     "stl10": DatasetSpec("stl10", "STL-10 cats and dogs, RGB 96×96 → 48×48, 2 classes", ("cat", "dog"),
                          _npz_loader("stl10_catsdogs", "stl10", ("cat", "dog")), _download_stl10),
     "noto_emoji": DatasetSpec("noto_emoji", "Noto Emoji, 3,512 RGB 32×32 with Unicode names as captions", (),
