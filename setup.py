@@ -35,9 +35,10 @@ setuptools.setup(
     url=cfg["git_url"],
     # the shipped weights live in ldm_course/weights/, a data-only package (no __init__.py): declared as a package
     # so setuptools ships its files without warning that it is "absent from the packages configuration"
-    packages=setuptools.find_packages(include=["ldm_course", "ldm_course.*"]) + ["ldm_course.weights"],
+    # (records/ holds recorded results, such as an ablation's numbers and images: a data-only package too)
+    packages=setuptools.find_packages(include=["ldm_course", "ldm_course.*"]) + ["ldm_course.weights", "ldm_course.weights.records"],
     include_package_data=True,
-    package_data={"ldm_course.weights": ["*.safetensors", "*.json"]},
+    package_data={"ldm_course.weights": ["*.safetensors", "*.json"], "ldm_course.weights.records": ["*.safetensors", "*.json"]},
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     python_requires=">=" + min_python,

@@ -145,16 +145,22 @@ def _generate(args) -> dict:
                     clip_sample=not args.no_clip)
 
 
+def _run_args(args, what: str) -> dict:
+    "The arguments every resumable trainer takes from `train WHAT`: data, sizes, --out with its checkpoint beside it."
+    out = _safetensors_out(args.out, what)
+    _writable_file(str(out), "--out")
+    return dict(dataset=args.dataset, epochs=args.epochs, n_train=args.n_train, out=out,
+                checkpoint=out.with_name(out.stem + ".ckpt.safetensors"), resume=args.resume, overwrite=args.overwrite,
+                command=args.command_line, fallback=args.allow_fallback or None)
+
+
 def _train_ddpm(args) -> dict:
     from ldm_course.data import by_scale
     from ldm_course.ddpm import train_ddpm
     from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, evaluate_samplers, record_evaluation
-    out = _safetensors_out(args.out, "ddpm")
-    _writable_file(str(out), "--out")
-    ckpt = out.with_name(out.stem + ".ckpt.safetensors")
-    _, _, info = train_ddpm(args.dataset, epochs=args.epochs, n_train=args.n_train, out=out, checkpoint=ckpt,
-                            resume=args.resume, overwrite=args.overwrite, command=args.command_line,
-                            fallback=args.allow_fallback or None)
+    run = _run_args(args, "ddpm")
+    out = run["out"]
+    _, _, info = train_ddpm(**run)
     fid_n = args.fid_n or by_scale(ci=32, cpu=1000, gpu=5000)
     run_spec = f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"
     ev = evaluate_samplers(out, [(DEFAULT_SAMPLER, DEFAULT_STEPS)], n=fid_n, progress=False, fallback=args.allow_fallback or None,
@@ -174,7 +180,15 @@ def _train_classifier(args) -> dict:
     return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
 
 
-TRAIN = {"ddpm": _train_ddpm, "classifier": _train_classifier}
+def _train_vae(args) -> dict:
+    from ldm_course.losses import train_vae
+    run = _run_args(args, "vae")
+    _, _, info = train_vae(**run)
+    summary = {k: info[k] for k in ("dataset", "params", "epochs", "steps", "seconds", "hardware")}
+    return {"weights": str(run["out"]), **summary, **{k: info["eval"][k] for k in ("psnr", "ssim", "rfid", "n")}}
+
+
+TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "classifier": _train_classifier}
 
 
 def _train(args) -> dict:
@@ -260,10 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a course model")
     t.add_argument("what", choices=list(TRAIN), help="which model")
     t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--n-train", type=int, default=None, help="ddpm: how many training images (default by scale)")
+    t.add_argument("--n-train", type=int, default=None, help="ddpm, vae: how many training images (default by scale)")
     t.add_argument("--fid-n", type=int, default=None, help="ddpm: samples for the FID recorded after training")
-    t.add_argument("--resume", action="store_true", help="ddpm: continue from the checkpoint beside --out")
-    t.add_argument("--overwrite", action="store_true", help="ddpm: start a new run over the checkpoint beside --out")
+    t.add_argument("--resume", action="store_true", help="ddpm, vae: continue from the checkpoint beside --out")
+    t.add_argument("--overwrite", action="store_true", help="ddpm, vae: start a new run over the checkpoint beside --out")
     t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")

@@ -159,3 +159,23 @@ def test_train_never_loses_a_run(tmp_path):
     assert ck.read_bytes() == b"an earlier run" and not w.exists()
     out = _cli("train", "ddpm", "--resume", "--out", str(tmp_path / "new.safetensors"))
     assert out.returncode == 2 and "no checkpoint at" in out.stderr, out.stderr
+
+
+def test_train_vae_from_the_command_line(tmp_path):
+    "`ldm-course train vae` trains, saves safetensors + JSON with its test metrics, and keeps a run unless told."
+    w = tmp_path / "v.safetensors"
+    out = _cli("train", "vae", "--n-train", "32", "--out", str(w))
+    assert out.returncode == 0, out.stderr
+    res = _json(out.stdout)
+    assert res["weights"] == str(w) and w.exists() and w.with_suffix(".json").exists()
+    assert {"psnr", "ssim", "rfid"} <= set(res) and res["steps"] == 1
+    saved = json.loads(w.with_suffix(".json").read_text())
+    assert saved["class"] == "VAE" and saved["training"]["command"].startswith("ldm-course")
+    before = w.read_bytes()
+    out = _cli("train", "vae", "--n-train", "32", "--out", str(w))
+    assert out.returncode == 2 and "holds an earlier run" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert w.read_bytes() == before
+    out = _cli("train", "vae", "--out", "v.pt")
+    assert out.returncode == 2 and "must end in .safetensors" in out.stderr
+    out = _cli("generate", "--weights", str(w), "--out", str(tmp_path / "g"))
+    assert out.returncode == 2 and "VAE" in out.stderr and "Traceback" not in out.stderr, out.stderr
