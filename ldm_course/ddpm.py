@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import by_scale, get_dataloaders, get_scale
-from .files import Pretrained, _weight_paths, atomic_write, check_writable, hardware, load_tensors, weights_dir
-from .learner import Callback, CheckpointCB, EMACB, check_checkpoint, check_same_run, GradClipCB, Learner, MetricsCB, OneCycleCB, ProgressCB
+from .files import Pretrained, atomic_write, hardware, load_tensors, weights_dir
+from .learner import Callback, CheckpointCB, EMACB, check_checkpoint, check_same_run, check_train_sizes, GradClipCB, Learner, MetricsCB, OneCycleCB, ProgressCB
 from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 from .unet import UNet, count_params, unet_config
 
@@ -113,18 +113,14 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     `find_cb(MetricsCB).history` the epoch rows) and a JSON-able `info` dict. With `out` (a `.safetensors` file or a
     folder) the EMA model is saved with `save_pretrained`, `info` beside it; `load_ddpm(out)` reads it back."""
     _check_prediction_type(prediction_type)
-    check_checkpoint(checkpoint, resume, overwrite)   # before any work: never lose a run, never resume from nothing
-    if out is not None:
-        for f in _weight_paths(out): check_writable(f, "weights file" if f.suffix == ".safetensors" else "weights JSON")
+    check_checkpoint(checkpoint, resume, overwrite, out)   # before any work: never lose a run, never resume from nothing
     recipe = ddpm_recipe()
     config = config or recipe["config"]
     epochs = epochs if epochs is not None else recipe["epochs"]
     n_train = n_train if n_train is not None else recipe["n_train"]
     batch_size = batch_size if batch_size is not None else recipe["batch_size"]
     ema_decay = ema_decay if ema_decay is not None else recipe["ema_decay"]
-    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("n_train", n_train)):   # 0 is not "the default"
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{k} must be an int ≥ 1 (or None for the recipe's); got {v!r}")
+    check_train_sizes(epochs=epochs, batch_size=batch_size, n_train=n_train)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"lr must be a number > 0; got {lr!r}")
     if not 0 <= ema_decay < 1: raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay!r}")
     schedule = schedule or NoiseSchedule("linear")

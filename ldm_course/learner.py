@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import check_writable, load_tensors, save_json, save_tensors
+from .files import _weight_paths, check_writable, load_tensors, save_json, save_tensors
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'default_mixed_precision',
            'get_accelerator', 'Learner', 'shard_batch', 'batch_len', 'accuracy', 'MetricsCB', 'ProgressCB',
-           'one_cycle_lr', 'OneCycleCB', 'GradClipCB', 'EMACB', 'CheckpointCB', 'check_checkpoint', 'check_same_run']
+           'one_cycle_lr', 'OneCycleCB', 'GradClipCB', 'EMACB', 'CheckpointCB', 'check_checkpoint', 'check_train_sizes',
+           'check_same_run']
 
 # %% ../nbs/01_learner.ipynb #c012
 class CancelFitException(Exception): "Raise in a callback to stop `fit` cleanly (`after_fit` still runs)."
@@ -494,9 +495,13 @@ class CheckpointCB(Callback):
     def after_full_epoch(self): self.learn.save_checkpoint(self.path)
 
 
-def check_checkpoint(checkpoint: str | Path | None, resume: bool = False, overwrite: bool = False) -> None:
-    """Before any work, for a trainer with a `checkpoint` file: never lose a run (an existing checkpoint is replaced
-    only with `overwrite`), never resume from nothing (`resume` needs the file), and the file must be writable."""
+def check_checkpoint(checkpoint: str | Path | None, resume: bool = False, overwrite: bool = False,
+                     out: str | Path | None = None) -> None:
+    """Before any work, for a trainer: never lose a run (an existing `checkpoint` is replaced only with `overwrite`),
+    never resume from nothing (`resume` needs the file), and every file the run will write (the checkpoint, and the
+    weights `out` with their JSON) must be writable."""
+    if out is not None:
+        for f in _weight_paths(out): check_writable(f, "weights file" if f.suffix == ".safetensors" else "weights JSON")
     if checkpoint is None:
         if resume: raise ValueError("resume=True needs the checkpoint file to resume from (checkpoint=...)")
         return
@@ -508,6 +513,13 @@ def check_checkpoint(checkpoint: str | Path | None, resume: bool = False, overwr
         raise ValueError(f"{checkpoint} holds an earlier run; resume=True (--resume) continues it, overwrite=True "
                          f"(--overwrite) starts a new run over it")
     check_writable(Path(checkpoint).with_suffix(".safetensors"), "checkpoint")
+
+
+def check_train_sizes(**sizes) -> None:
+    "Each size given (epochs, batch_size, ...) is None (the recipe's value) or an int ≥ 1: 0 is not \"the default\"."
+    for k, v in sizes.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{k} must be an int ≥ 1 (or None for the recipe's); got {v!r}")
 
 
 def check_same_run(checkpoint: str | Path, run: dict) -> None:

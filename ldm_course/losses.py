@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import by_scale, default_dataset, get_dataloaders, load_dataset, to_float
-from .files import _weight_paths, check_writable, hardware, save_json, weights_dir
-from .learner import Callback, CheckpointCB, Learner, MetricsCB, OneCycleCB, ProgressCB, check_checkpoint, check_same_run
+from .files import hardware, save_json, weights_dir
+from .learner import (Callback, CheckpointCB, Learner, MetricsCB, OneCycleCB, ProgressCB, check_checkpoint,
+                                check_same_run, check_train_sizes)
 from .metrics import FIDScorer, ResNetClassifier, load_fid_classifier
 from .vae import VAE, VAEConfig, DiagonalGaussian
 
@@ -391,12 +392,8 @@ def train_vae(dataset: str | None = None, config: VAEConfig | dict | None = None
     and `fallback` as in `train_ddpm`; the files it will write are checked writable before any training.
     Returns `(vae, learn, info)`; `info` has the loss history and, with `evaluate`, test PSNR, SSIM and rFID.
     With `out`, the VAE is saved (`save_pretrained`) with `info` beside it."""
-    check_checkpoint(checkpoint, resume, overwrite)
-    if out is not None:
-        for f in _weight_paths(out): check_writable(f, "weights file" if f.suffix == ".safetensors" else "weights JSON")
-    for name, v in (("epochs", epochs), ("n_train", n_train), ("batch_size", batch_size), ("max_steps", max_steps)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}={v!r}; expected a positive integer or None (the recipe's value)")
+    check_checkpoint(checkpoint, resume, overwrite, out)
+    check_train_sizes(epochs=epochs, n_train=n_train, batch_size=batch_size, max_steps=max_steps)
     recipe = vae_recipe()
     epochs, batch_size = epochs or recipe["epochs"], batch_size or recipe["batch_size"]
     n_train = n_train if n_train is not None else recipe["n_train"]

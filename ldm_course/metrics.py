@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageDataset, by_scale, get_dataloaders, load_dataset, to_float
-from .files import Pretrained, check_writable, hardware, weights_dir
-from .learner import Learner, MetricsCB, OneCycleCB, ProgressCB, accuracy
+from .files import Pretrained, hardware, weights_dir
+from .learner import Learner, MetricsCB, OneCycleCB, ProgressCB, accuracy, check_checkpoint
 
 # %% auto #0
 __all__ = ['ResidualBlock', 'ResNetClassifier', 'train_classifier', 'default_classifier_path', 'classifier_accuracy',
@@ -116,7 +116,7 @@ def train_fid_classifier(out: str | Path = "ldm_course/weights/fmnist_classifier
         raise ValueError(f"out must be a .safetensors file, got {out}")
     epochs = epochs if epochs is not None else by_scale(ci=1, cpu=5, gpu=5)
     if epochs < 1: raise ValueError(f"epochs must be ≥ 1, got {epochs}")
-    check_writable(out, "weights file"); check_writable(out.with_suffix(".json"), "weights JSON")
+    check_checkpoint(None, out=out)   # the weights and their JSON must be writable before training
     n_train = n_train if n_train is not None else by_scale(ci=512, cpu=sys.maxsize, gpu=sys.maxsize)
     t0 = time.time()
     model, learn = train_classifier(dataset, epochs, n_train=n_train, batch_size=batch_size, lr=lr,
