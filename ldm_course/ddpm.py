@@ -21,7 +21,7 @@ from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 from .unet import UNet, count_params, unet_config
 
 # %% auto #0
-__all__ = ['SHIPPED_DDPM', 'MAX_TIMESTEPS', 'ddpm_targets', 'DDPMCallback', 'ddpm_recipe', 'train_ddpm', 'load_ddpm',
+__all__ = ['SHIPPED_DDPM', 'MAX_TIMESTEPS', 'ddpm_targets', 'DDPMCallback', 'ddpm_recipe', 'fit_ddpm', 'train_ddpm', 'load_ddpm',
            'ddpm_sample', 'image_grid', 'write_png', 'write_gif']
 
 # %% ../nbs/06_ddpm.ipynb #c007
@@ -89,6 +89,23 @@ def ddpm_recipe(scale: str | None = None) -> dict:
                 ema_decay=by_scale(0.9, 0.999, 0.9999, scale))
 
 # %% ../nbs/06_ddpm.ipynb #c017
+def fit_ddpm(model: nn.Module, train_dl, valid_dl, schedule: NoiseSchedule, epochs: int, lr: float = 2e-3,
+             prediction_type: str = "epsilon", ema_decay: float = 0.999, class_cond: bool = False,
+             max_steps: int | None = None, checkpoint: str | Path | None = None, resume: bool = False,
+             run: dict | None = None, progress: bool = True) -> tuple[nn.Module, Learner, MetricsCB]:
+    """The DDPM training loop on any data: `Learner` + `DDPMCallback` + one-cycle LR + grad clipping + EMA (+ progress,
+    + a checkpoint every 200 steps and epoch, resumable when `run`, the settings, match). `train_dl` yields
+    `(x0, y)` batches of images or latents. Returns `(ema_model in eval mode, learn, metrics)`."""
+    ema, metrics = EMACB(ema_decay), MetricsCB()
+    cbs = [DDPMCallback(schedule, prediction_type, class_cond=class_cond), metrics, OneCycleCB(lr), GradClipCB(1.0), ema]
+    if progress: cbs.append(ProgressCB())
+    if resume: check_same_run(checkpoint, run or {})
+    if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200, run=run))
+    learn = Learner(model, (train_dl, valid_dl), F.mse_loss, lr=lr, cbs=cbs)
+    learn.fit(epochs, max_steps=max_steps, resume_from=checkpoint if resume else None)
+    return ema.ema_model.eval(), learn, metrics
+
+
 def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epochs: int | None = None,
                n_train: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
                prediction_type: str = "epsilon", ema_decay: float | None = None,
@@ -134,17 +151,11 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     cfg = unet_config(config) if isinstance(config, str) else dict(config)
     cfg.update(in_channels=ds.shape[0], out_channels=ds.shape[0], num_classes=n_classes)
     model = UNet(**cfg)
-    ema = EMACB(ema_decay)
-    metrics = MetricsCB()
-    cbs = [DDPMCallback(schedule, prediction_type, class_cond=class_cond), metrics, OneCycleCB(lr), GradClipCB(1.0), ema]
-    if progress: cbs.append(ProgressCB())
     args = dict(dataset=dataset, config=config, epochs=epochs, n_train=n_train, batch_size=batch_size, lr=lr,
                 prediction_type=prediction_type, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
-    if resume: check_same_run(checkpoint, args)
-    if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200, run=args))
-    learn = Learner(model, (train_dl, valid_dl), F.mse_loss, lr=lr, cbs=cbs)
-    resume_from = checkpoint if resume else None
-    learn.fit(epochs, max_steps=max_steps, resume_from=resume_from)
+    ema_model, learn, metrics = fit_ddpm(model, train_dl, valid_dl, schedule, epochs, lr=lr, prediction_type=prediction_type,
+                                         ema_decay=ema_decay, class_cond=class_cond, max_steps=max_steps,
+                                         checkpoint=checkpoint, resume=resume, run=args, progress=progress)
     seconds = metrics.total_seconds()   # with the time before a resume: the checkpoint carries it
     info = dict(dataset=ds.name, n_train=len(ds), image_shape=list(ds.shape), unet=config if isinstance(config, str) else "custom",
                 params=count_params(model), epochs=epochs, steps=learn.step, batch_size=batch_size, lr=lr,
@@ -153,7 +164,6 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
                 history=metrics.history, torch=torch.__version__,
                 command=command or ("from ldm_course.ddpm import train_ddpm; train_ddpm(" +
                         ", ".join(f"{k}={v!r}" for k, v in args.items()) + f", out={str(out) if out else None!r})"))
-    ema_model = ema.ema_model.eval()
     if out is not None:
         ema_model.save_pretrained(out, extra={"prediction_type": prediction_type, "schedule": schedule.config,
                                               "training": info})

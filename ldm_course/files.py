@@ -159,29 +159,7 @@ class Pretrained:
         info = cls.read_info(path)
         if info.get("class") not in (None, cls.__name__):
             raise ValueError(f"{path} holds a {info['class']}, not a {cls.__name__}")
-        config = info.get("config")
-        if not isinstance(config, dict):
-            raise ValueError(f"{cfg}: 'config' must be a JSON object of {cls.__name__}'s arguments; got {type(config).__name__}")
-        params = inspect.signature(cls.__init__).parameters
-        unknown = sorted(set(config) - set(params) - {"self"})
-        if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ValueError(f"{cfg}: unknown {cls.__name__} argument(s) {unknown}; expected some of "
-                             f"{sorted(k for k in params if k != 'self')}")
-        _check_limits(cfg, config, cls.config_limits)
-        try:
-            with torch.device("meta"):                      # a dry build: shapes only, no memory
-                n = sum(p.numel() for p in cls(**config).parameters())
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{cfg}: its config does not build a {cls.__name__}: {e}") from None
-        except Exception:
-            n = 0                                           # a model that cannot be built on the meta device
-        if n > cls.max_params:
-            raise ValueError(f"{cfg}: its config describes a {cls.__name__} of {n:,} parameters ({4 * n / 1e9:.1f} GB), "
-                             f"more than the {cls.max_params:,} allowed; the file was edited or is not from save_pretrained")
-        try:
-            model = cls(**config)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{cfg}: its config does not build a {cls.__name__}: {e}") from None
+        model = cls.from_config(info.get("config"), cfg)
         try:
             model.load_state_dict(load_tensors(weights))
         except RuntimeError as e:   # missing or unexpected keys, wrong shapes
@@ -189,6 +167,34 @@ class Pretrained:
             raise ValueError(f"{weights} does not fit the {cls.__name__} of {cfg.name}: "
                              f"{' '.join(first[:3])[:400]}") from None
         return model.to(device).eval()
+
+    @classmethod
+    def from_config(cls, config, where: str | Path = "config"):
+        """Build the model from a config read from disk (`where`: the file, for messages), checked first: a JSON
+        object of `cls`'s arguments, every size within `config_limits`, at most `max_params` parameters (a dry build
+        on the `meta` device). Weights are not loaded."""
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: 'config' must be a JSON object of {cls.__name__}'s arguments; got {type(config).__name__}")
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(config) - set(params) - {"self"})
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ValueError(f"{where}: unknown {cls.__name__} argument(s) {unknown}; expected some of "
+                             f"{sorted(k for k in params if k != 'self')}")
+        _check_limits(where, config, cls.config_limits)
+        try:
+            with torch.device("meta"):                      # a dry build: shapes only, no memory
+                n = sum(p.numel() for p in cls(**config).parameters())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: its config does not build a {cls.__name__}: {e}") from None
+        except Exception:
+            n = 0                                           # a model that cannot be built on the meta device
+        if n > cls.max_params:
+            raise ValueError(f"{where}: its config describes a {cls.__name__} of {n:,} parameters ({4 * n / 1e9:.1f} GB), "
+                             f"more than the {cls.max_params:,} allowed; the file was edited or is not from save_pretrained")
+        try:
+            return cls(**config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: its config does not build a {cls.__name__}: {e}") from None
 
     @staticmethod
     def read_info(path: str | Path) -> dict:
