@@ -133,14 +133,28 @@ def _demo(args) -> dict:
     return res
 
 
+def _is_latent(weights) -> bool:
+    "Whether `weights` (already resolved) hold a latent diffusion model rather than a pixel-space DDPM."
+    from ldm_course.files import Pretrained
+    try:
+        return Pretrained.read_info(weights).get("class") == "LatentDiffusion"
+    except (OSError, ValueError):
+        return False   # not readable as weights + JSON: the DDPM loader says what is wrong
+
+
 def _generate(args) -> dict:
     from ldm_course.ddpm import _resolve_weights
-    from ldm_course.samplers import check_grid_n, generate
-    _resolve_weights(args.weights)     # an empty or unknown name fails before the output folder is made
+    from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS, generate_latent
+    from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_grid_n, generate
+    latent = _is_latent(_resolve_weights(args.weights))  # an empty or unknown name fails before the output folder is made
+    args.sampler = args.sampler or (LATENT_SAMPLER if latent else DEFAULT_SAMPLER)
+    args.steps = args.steps if args.steps is not None else (LATENT_STEPS if latent else DEFAULT_STEPS)
     _positive(args, "n", "steps")
     check_grid_n(args.n, name="--n")   # the library's own limit (MAX_GRID), before the output folder is made
     _check_seed(args.seed)
     _writable_dir(args.out, ("samples.png",) + (() if args.no_gif else ("denoising.gif",)))
+    if latent:   # latents are never clipped: --no-clip changes nothing
+        return generate_latent(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif)
     return generate(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif,
                     clip_sample=not args.no_clip)
 
@@ -188,7 +202,22 @@ def _train_vae(args) -> dict:
     return {"weights": str(run["out"]), **summary, **{k: info["eval"][k] for k in ("psnr", "ssim", "rfid", "n")}}
 
 
-TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "classifier": _train_classifier}
+def _train_latent(args) -> dict:
+    from ldm_course.data import by_scale
+    from ldm_course.files import Pretrained, save_json
+    from ldm_course.latent import evaluate_latent, train_latent
+    run = _run_args(args, "latent")
+    model, _, info = train_latent(**run)
+    n = args.fid_n or by_scale(ci=32, cpu=1000, gpu=5000)
+    ev = evaluate_latent(model, n=n, progress=False, fallback=args.allow_fallback or None)
+    fid = {k: ev[k] for k in ("sampler", "steps", "fid", "kid", "kid_std", "n", "n_real", "real", "seconds_per_image")}
+    meta = Pretrained.read_info(run["out"])
+    save_json({**meta, "fid": fid}, run["out"].with_suffix(".json"))   # the FID beside the weights, as for the DDPM
+    summary = {k: info[k] for k in ("dataset", "vae", "scale_factor", "params", "epochs", "steps", "seconds", "hardware")}
+    return {"weights": str(run["out"]), **summary, "fid": ev["fid"], "fid_n": n}
+
+
+TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier}
 
 
 def _train(args) -> dict:
@@ -233,7 +262,19 @@ def _bench_attention(args) -> list[dict]:
     return rows
 
 
-BENCHES = {"unet": _bench_unet, "attention": _bench_attention}
+def _bench_latent(args) -> dict:
+    from ldm_course.latent import bench_latent, save_bench
+    _positive(args, "seconds", "n")
+    if args.n is not None and args.n < 2: raise ValueError(f"--n must be ≥ 2 (FID needs a covariance), got {args.n}")
+    res = bench_latent(seconds=args.seconds, n=args.n)
+    for r in res["rows"]:
+        print(f"{r['model']:7s} {r['train_step_ms']:8.1f} ms/step  {r['train_steps']:6d} steps  "
+              f"{r['sample_ms_per_image']:8.2f} ms/image  FID {r['fid']:.2f}", file=sys.stderr)
+    if args.json: save_bench(res, Path(args.json).with_suffix(""))   # .json + the sample grids in .safetensors
+    return res["rows"]
+
+
+BENCHES = {"unet": _bench_unet, "attention": _bench_attention, "latent": _bench_latent}
 
 
 def _bench(args) -> dict:
@@ -243,13 +284,14 @@ def _bench(args) -> dict:
         raise ValueError("--device cuda, but this machine has no CUDA GPU that torch can use; use --device cpu")
     _writable_file(args.json, "--json")
     rows = BENCHES[args.what](args)
-    if args.json: save_json(rows, args.json)
+    if args.json and args.what != "latent": save_json(rows, args.json)
     return {"rows": len(rows), "json": args.json}
 
 # %% ../nbs/17_cli.ipynb #6a0c3706
 def build_parser() -> argparse.ArgumentParser:
     from ldm_course.data import DATASETS, SCALES
     from ldm_course.ddpm import SHIPPED_DDPM
+    from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS
     from ldm_course.samplers import DEFAULT_RUNS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
     p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
     p.add_argument("--scale", choices=SCALES, help="override $LDM_COURSE_SCALE")
@@ -261,23 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out", help="folder for samples.png and denoising.gif (default: out/)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
-    g = sub.add_parser("generate", help="sample images from a DDPM (PNG grid + denoising GIF)")
+    g = sub.add_parser("generate", help="sample images from a DDPM or a latent model (PNG grid + denoising GIF)")
     g.add_argument("--weights", default=SHIPPED_DDPM, help="a shipped model name or a .safetensors file")
-    g.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help=f"default {DEFAULT_SAMPLER}")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"model evaluations (default {DEFAULT_STEPS})")
+    g.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help=f"default {DEFAULT_SAMPLER} (pixel models), {LATENT_SAMPLER} (latent models)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"model evaluations (default {DEFAULT_STEPS} for pixel models, {LATENT_STEPS} for latent models)")
     g.add_argument("--n", type=int, default=64, help="how many images (default 64)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="out", help="output folder (default: out/)")
     g.add_argument("--no-gif", action="store_true", help="skip the denoising GIF")
-    g.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image x̂0 to [-1, 1]")
+    g.add_argument("--no-clip", action="store_true",
+                   help="do not clamp the predicted clean image x̂0 to [-1, 1] (pixel models; latents are never clamped)")
     g.set_defaults(func=_generate)
     t = sub.add_parser("train", help="train a course model")
     t.add_argument("what", choices=list(TRAIN), help="which model")
     t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--n-train", type=int, default=None, help="ddpm, vae: how many training images (default by scale)")
-    t.add_argument("--fid-n", type=int, default=None, help="ddpm: samples for the FID recorded after training")
-    t.add_argument("--resume", action="store_true", help="ddpm, vae: continue from the checkpoint beside --out")
-    t.add_argument("--overwrite", action="store_true", help="ddpm, vae: start a new run over the checkpoint beside --out")
+    t.add_argument("--n-train", type=int, default=None, help="ddpm, vae, latent: how many training images (default by scale)")
+    t.add_argument("--fid-n", type=int, default=None, help="ddpm, latent: samples for the FID recorded after training")
+    t.add_argument("--resume", action="store_true", help="ddpm, vae, latent: continue from the checkpoint beside --out")
+    t.add_argument("--overwrite", action="store_true", help="ddpm, vae, latent: start a new run over the checkpoint beside --out")
     t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
@@ -302,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
     b = sub.add_parser("bench", help="speed benchmarks, ours vs the reference")
     b.add_argument("what", choices=list(BENCHES))
-    b.add_argument("--json", default=None, help="also write the rows as JSON here")
+    b.add_argument("--json", default=None, help="also write the rows as JSON here (latent: + the sample grids beside it)")
     b.add_argument("--device", default=None, choices=["cpu", "cuda"], help="cpu or cuda (default: both where available)")
     b.add_argument("--config", default="small", help="UNet config for `bench unet` (see ldm_course.unet.UNET_CONFIGS)")
+    b.add_argument("--seconds", type=float, default=None, help="latent: training budget per model (default by scale)")
+    b.add_argument("--n", type=int, default=None, help="latent: samples per model for the FID (default by scale)")
     b.set_defaults(func=_bench)
     return p
 

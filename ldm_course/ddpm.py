@@ -21,8 +21,8 @@ from .schedules import PREDICTION_TYPES, NoiseSchedule, predict_x0_eps
 from .unet import UNet, count_params, unet_config
 
 # %% auto #0
-__all__ = ['SHIPPED_DDPM', 'MAX_TIMESTEPS', 'ddpm_targets', 'DDPMCallback', 'ddpm_recipe', 'fit_ddpm', 'train_ddpm', 'load_ddpm',
-           'ddpm_sample', 'image_grid', 'write_png', 'write_gif']
+__all__ = ['SHIPPED_DDPM', 'MAX_TIMESTEPS', 'ddpm_targets', 'DDPMCallback', 'ddpm_recipe', 'recipe_sizes', 'fit_ddpm',
+           'train_ddpm', 'load_ddpm', 'ddpm_sample', 'image_grid', 'write_png', 'write_gif']
 
 # %% ../nbs/06_ddpm.ipynb #c007
 def _check_prediction_type(prediction_type: str) -> str:
@@ -89,6 +89,16 @@ def ddpm_recipe(scale: str | None = None) -> dict:
                 ema_decay=by_scale(0.9, 0.999, 0.9999, scale))
 
 # %% ../nbs/06_ddpm.ipynb #c017
+def recipe_sizes(recipe: dict, lr: float, **given) -> tuple:
+    """`given` sizes (config, epochs, n_train, batch_size, ema_decay, in that order) with each None taken from
+    `recipe`, checked, with the learning rate: a `ValueError` names any bad one. Returns them as a tuple."""
+    sizes = {k: (v if v is not None else recipe[k]) for k, v in given.items()}
+    check_train_sizes(**{k: sizes[k] for k in ("epochs", "batch_size", "n_train")})
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"lr must be a number > 0; got {lr!r}")
+    if not 0 <= sizes["ema_decay"] < 1: raise ValueError(f"ema_decay must lie in [0, 1); got {sizes['ema_decay']!r}")
+    return tuple(sizes.values())
+
+
 def fit_ddpm(model: nn.Module, train_dl, valid_dl, schedule: NoiseSchedule, epochs: int, lr: float = 2e-3,
              prediction_type: str = "epsilon", ema_decay: float = 0.999, class_cond: bool = False,
              max_steps: int | None = None, checkpoint: str | Path | None = None, resume: bool = False,
@@ -131,15 +141,8 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
     folder) the EMA model is saved with `save_pretrained`, `info` beside it; `load_ddpm(out)` reads it back."""
     _check_prediction_type(prediction_type)
     check_checkpoint(checkpoint, resume, overwrite, out)   # before any work: never lose a run, never resume from nothing
-    recipe = ddpm_recipe()
-    config = config or recipe["config"]
-    epochs = epochs if epochs is not None else recipe["epochs"]
-    n_train = n_train if n_train is not None else recipe["n_train"]
-    batch_size = batch_size if batch_size is not None else recipe["batch_size"]
-    ema_decay = ema_decay if ema_decay is not None else recipe["ema_decay"]
-    check_train_sizes(epochs=epochs, batch_size=batch_size, n_train=n_train)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"lr must be a number > 0; got {lr!r}")
-    if not 0 <= ema_decay < 1: raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay!r}")
+    config, epochs, n_train, batch_size, ema_decay = recipe_sizes(ddpm_recipe(), lr, config=config, epochs=epochs,
+                                                                  n_train=n_train, batch_size=batch_size, ema_decay=ema_decay)
     schedule = schedule or NoiseSchedule("linear")
     torch.manual_seed(seed)
     train_dl, valid_dl = get_dataloaders(dataset, batch_size, n_train=n_train, n_test=by_scale(64, 1000, None), seed=seed,
