@@ -22,7 +22,7 @@ from .schedules import NoiseSchedule
 from .unet import UNet, count_params, unet_config
 from .ddpm import (_check_prediction_type, _resolve_weights, _sidecar_schedule, ddpm_targets, fit_ddpm,
                              recipe_sizes, write_gif, write_png)
-from .samplers import check_grid_n, ddim_step, sample
+from .samplers import check_grid_n, class_counts, ddim_step, sample
 from .vae import SHIPPED_VAE, VAE, load_vae
 
 # %% auto #0
@@ -422,10 +422,8 @@ def generate_latent(weights: str | Path = SHIPPED_LATENT, sampler: str = LATENT_
     result = {"samples": str(write_png(images, out / "samples.png", nrow=8, upscale=2))}
     if gif: result["gif"] = str(write_gif(torch.stack(frames), out / "denoising.gif", fps=8, hold_s=1.5, upscale=1))
     result.update(weights=str(weights), sampler=sampler, steps=steps, n=n, seed=seed, sampling_seconds=round(sample_s, 2))
-    if classify and Pretrained.read_info(_resolve_weights(weights)).get("training", {}).get("dataset") == "fashion_mnist":
-        from ldm_course.metrics import load_fid_classifier
-        with torch.no_grad(): pred = load_fid_classifier()(images).argmax(1)
-        result["classes"] = dict(zip(FASHION_CLASSES, torch.bincount(pred, minlength=len(FASHION_CLASSES)).tolist()))
+    if classify and model.info.get("training", {}).get("dataset") == "fashion_mnist":   # the JSON load_latent read
+        result["classes"] = class_counts(images)
     result["seconds"] = round(time.time() - t0, 2)
     return result
 

@@ -21,7 +21,8 @@ __all__ = ['SAMPLERS', 'TIMESTEP_SPACINGS', 'DEFAULT_SPACING', 'DEFAULT_RUNS', '
            'MAX_GRID', 'predict_x0', 'ddpm_step', 'spaced_timesteps', 'ddim_step', 'sigma_to_t', 'karras_sigmas',
            'euler_init_sigma', 'dpm_solver_timesteps', 'sample', 'diffusers_scheduler', 'diffusers_sample',
            'GaussianMixture', 'check_runs', 'compare_samplers', 'run_label', 'quality_table', 'plot_quality',
-           'off_manifold', 'check_grid_n', 'generate', 'evaluate_samplers', 'record_path', 'record_evaluation']
+           'off_manifold', 'check_grid_n', 'class_counts', 'generate', 'evaluate_samplers', 'record_path',
+           'record_evaluation']
 
 # %% ../nbs/08_samplers.ipynb #c007
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
@@ -563,6 +564,15 @@ def _image_shape(meta: dict, model, weights) -> tuple[int, int, int]:
     return tuple(shape)
 
 
+def class_counts(images: torch.Tensor) -> dict[str, int]:
+    "How many of `images` (N, 1, H, W) in [-1, 1] the FID classifier puts in each Fashion-MNIST class."
+    from ldm_course.data import FASHION_CLASSES
+    from ldm_course.metrics import load_fid_classifier
+    with torch.no_grad():
+        pred = load_fid_classifier()(images).argmax(1)
+    return dict(zip(FASHION_CLASSES, torch.bincount(pred, minlength=len(FASHION_CLASSES)).tolist()))
+
+
 def generate(weights: str | Path = SHIPPED_DDPM, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, n: int = 64,
              seed: int = 0, out: str | Path = "out", gif: bool = True, classify: bool = True,
              clip_sample: bool = DEFAULT_CLIP, device: str | None = None, batch_size: int = 64) -> dict:
@@ -595,11 +605,7 @@ def generate(weights: str | Path = SHIPPED_DDPM, sampler: str = DEFAULT_SAMPLER,
     result.update(weights=str(weights), sampler=sampler, steps=steps, clip_sample=bool(clip_sample), n=n, seed=seed,
                   sampling_seconds=round(sample_s, 2))
     if classify and meta.get("training", {}).get("dataset") == "fashion_mnist":
-        from ldm_course.data import FASHION_CLASSES
-        from ldm_course.metrics import load_fid_classifier
-        with torch.no_grad():
-            pred = load_fid_classifier()(images).argmax(1)
-        result["classes"] = dict(zip(FASHION_CLASSES, torch.bincount(pred, minlength=len(FASHION_CLASSES)).tolist()))
+        result["classes"] = class_counts(images)
     result["seconds"] = round(time.time() - t0, 2)
     return result
 
