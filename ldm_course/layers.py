@@ -70,18 +70,25 @@ class ResBlock(nn.Module):
 
     `forward(x: (B, in_channels, H, W), emb: (B, emb_dim) | None) → (B, out_channels, H, W)`. The embedding is
     required when `emb_dim` is set and refused when it is not. Weight names and maths match `diffusers`'
-    `ResnetBlock2D(time_embedding_norm="scale_shift", eps=1e-5)` (`emb_proj`↔`time_emb_proj`, `skip`↔`conv_shortcut`)."""
+    `ResnetBlock2D(time_embedding_norm=time_embedding_norm, eps=eps)` (`emb_proj`↔`time_emb_proj`,
+    `skip`↔`conv_shortcut`). `time_embedding_norm="scale_shift"` (the default): the embedding is projected to
+    `2·out_channels` and modulates the second GroupNorm's output; `"default"` (DDPM, Stable Diffusion): it is
+    projected to `out_channels` and added to the features before the second GroupNorm."""
 
     def __init__(self, in_channels: int, out_channels: int | None = None, emb_dim: int | None = None,
-                 dropout: float = 0.0, norm_groups: int = 32, eps: float = 1e-5):
+                 dropout: float = 0.0, norm_groups: int = 32, eps: float = 1e-5, time_embedding_norm: str = "scale_shift"):
         super().__init__()
         out_channels = out_channels or in_channels
         _check_groups(in_channels, norm_groups, "ResBlock in_channels")
         _check_groups(out_channels, norm_groups, "ResBlock out_channels")
+        if time_embedding_norm not in ("scale_shift", "default"):
+            raise ValueError(f"time_embedding_norm={time_embedding_norm!r}; expected 'scale_shift' or 'default'")
         self.in_channels, self.out_channels, self.emb_dim = in_channels, out_channels, emb_dim
+        self.time_embedding_norm = time_embedding_norm
         self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels) if emb_dim else None
+        proj_out = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+        self.emb_proj = nn.Linear(emb_dim, proj_out) if emb_dim else None
         self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -96,8 +103,10 @@ class ResBlock(nn.Module):
             got = None if emb is None else tuple(emb.shape)
             raise ValueError(f"ResBlock expects emb of shape (B={x.shape[0]}, emb_dim={self.emb_dim}); got {got}")
         h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None and self.time_embedding_norm == "default":
+            h = h + self.emb_proj(F.silu(emb))[:, :, None, None]   # added before the norm (DDPM, Stable Diffusion)
         h = self.norm2(h)
-        if self.emb_proj is not None:
+        if self.emb_proj is not None and self.time_embedding_norm == "scale_shift":
             scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
             h = torch.addcmul(shift, h, 1 + scale)      # h·(1 + scale) + shift in one pass
         h = self.conv2(self.dropout(F.silu(h)))

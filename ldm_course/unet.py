@@ -43,27 +43,27 @@ class _Mid(nn.Module):
 
 
 def _levels(chans: list[int], attn: list[bool], n: int, res, tr) -> tuple[nn.ModuleList, _Mid, nn.ModuleList]:
-    "The down levels, the middle and the up levels of a UNet; `res(cin, cout)` makes a ResBlock, `tr(c)` a transformer."
+    "The down levels, the middle and the up levels of a UNet; `res(cin, cout)` makes a ResBlock, `tr(c, level)` a transformer."
     skip_chans, c = [chans[0]], chans[0]
     down = nn.ModuleList()
     for i, cout in enumerate(chans):
         resnets, attns = [], []
         for _ in range(n):
             resnets.append(res(c, cout)); c = cout
-            if attn[i]: attns.append(tr(c))
+            if attn[i]: attns.append(tr(c, i))
             skip_chans.append(c)
         last = i == len(chans) - 1
         down.append(_Level(resnets, attns, None if last else Downsample(c)))
         if not last: skip_chans.append(c)
 
-    mid = _Mid([res(c, c), res(c, c)], [tr(c)])
+    mid = _Mid([res(c, c), res(c, c)], [tr(c, len(chans) - 1)])
 
     up = nn.ModuleList()
     for i, cout in reversed(list(enumerate(chans))):
         resnets, attns = [], []
         for _ in range(n + 1):
             resnets.append(res(c + skip_chans.pop(), cout)); c = cout
-            if attn[i]: attns.append(tr(c))
+            if attn[i]: attns.append(tr(c, i))
         up.append(_Level(resnets, attns, None if i == 0 else Upsample(c)))
 
     return down, mid, up
@@ -77,8 +77,11 @@ def _as_list(x, what: str, n: int | None = None) -> list:
     return x
 
 
+_OPTIONAL_DEFAULTS = {"time_embedding_norm": "scale_shift", "norm_eps": 1e-5}   # in a config only when changed
+
+
 def _check_config(block_out_channels, attention_levels, layers_per_block, num_classes, num_heads, head_dim):
-    "The constructor's checks: the per-level `(channels, attention)` lists, or a ValueError."
+    "The constructor's checks: the per-level `(channels, attention, heads)` lists, or a ValueError."
     chans = [int(c) for c in _as_list(block_out_channels, "block_out_channels")]
     attn = [bool(a) for a in _as_list(attention_levels, "attention_levels", len(chans))]
     if not chans or layers_per_block < 1:
@@ -86,11 +89,17 @@ def _check_config(block_out_channels, attention_levels, layers_per_block, num_cl
                          f"layers_per_block={layers_per_block}")
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be a positive int or None; got {num_classes}")
-    for c in [c for c, a in zip(chans, attn) if a] + [chans[-1]]:     # the mid block always has attention
-        if c % (head_dim or num_heads):
-            raise ValueError(f"attention level with {c} channels is not divisible by "
-                             f"{f'head_dim={head_dim}' if head_dim else f'num_heads={num_heads}'}")
-    return chans, attn
+    many = isinstance(num_heads, (list, tuple))
+    heads = [int(h) for h in _as_list(num_heads, "num_heads", len(chans))] if many else [num_heads] * len(chans)
+    if any(h < 1 for h in heads):
+        raise ValueError(f"num_heads must be positive (one int, or one per level); got {num_heads}")
+    last = len(chans) - 1
+    for i in [i for i, a in enumerate(attn) if a and i != last] + [last]:   # the mid block always has attention
+        if chans[i] % (head_dim or heads[i]):
+            raise ValueError(f"attention level with {chans[i]} channels is not divisible by "
+                             f"{f'head_dim={head_dim}' if head_dim else f'num_heads={heads[i]}'}")
+    if head_dim: heads = [c // head_dim for c in chans]
+    return chans, attn, heads
 
 
 def _check_inputs(unet, x, t, class_labels, context, context_mask):
@@ -145,44 +154,50 @@ class UNet(nn.Module, Pretrained):
 
     - `block_out_channels`: width of each level; `H` and `W` must be divisible by `2 ** (levels - 1)`.
     - `attention_levels`: one bool per level — a `SpatialTransformer` after every ResBlock of that level
-      (the middle block always has one). Heads: `num_heads`, or `channels // head_dim` when `head_dim` is given.
+      (the middle block always has one, with the last level's heads). Heads: `num_heads` (one int, or one per
+      level), or `channels // head_dim` when `head_dim` is given.
     - `num_classes`: adds a class embedding with `num_classes + 1` rows; label `num_classes` is the null
       ("unconditional") class, used when `class_labels` is `None` and for classifier-free guidance.
     - `context_dim`: adds cross-attention to a context `(B, M, context_dim)` (e.g. text-encoder states).
     - `gradient_checkpointing`: recompute each block's activations in the backward pass (less memory, about
       one extra forward pass of compute).
+    - `time_embedding_norm`: how each ResBlock takes the time embedding — `"scale_shift"` (the course's models) or
+      `"default"` (added before the second GroupNorm: Stable Diffusion's UNet); `norm_eps`: the ResBlocks' and the
+      output GroupNorm's epsilon. Both are written to `config` only when they differ from these defaults.
     Saved/loaded with `save_pretrained` / `from_pretrained` (safetensors + JSON config)."""
     config_limits = {"in_channels": (1, 64), "out_channels": (1, 64), "block_out_channels": (1, 4096, 8),
-                     "layers_per_block": (1, 16), "num_heads": (1, 128), "head_dim": (1, 1024),
+                     "layers_per_block": (1, 16), "num_heads": (1, 128, 8), "head_dim": (1, 1024),
                      "num_classes": (1, 100_000), "context_dim": (1, 8192), "norm_groups": (1, 1024)}
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, block_out_channels: Sequence[int] = (32, 64, 128, 128),
                  layers_per_block: int = 2, attention_levels: Sequence[bool] = (False, False, True, True),
-                 num_heads: int = 4, head_dim: int | None = None, num_classes: int | None = None,
+                 num_heads: int | Sequence[int] = 4, head_dim: int | None = None, num_classes: int | None = None,
                  context_dim: int | None = None, dropout: float = 0.0, norm_groups: int = 32,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, time_embedding_norm: str = "scale_shift", norm_eps: float = 1e-5):
         super().__init__()
-        chans, attn = _check_config(block_out_channels, attention_levels, layers_per_block, num_classes, num_heads,
-                                    head_dim)
+        chans, attn, heads = _check_config(block_out_channels, attention_levels, layers_per_block, num_classes,
+                                           num_heads, head_dim)
+        if isinstance(num_heads, (list, tuple)): num_heads = [int(h) for h in num_heads]
         self.config = dict(in_channels=in_channels, out_channels=out_channels, block_out_channels=chans,
                            layers_per_block=layers_per_block, attention_levels=attn, num_heads=num_heads,
                            head_dim=head_dim, num_classes=num_classes, context_dim=context_dim, dropout=dropout,
                            norm_groups=norm_groups, gradient_checkpointing=gradient_checkpointing)
+        for key, value in (("time_embedding_norm", time_embedding_norm), ("norm_eps", norm_eps)):
+            if value != _OPTIONAL_DEFAULTS[key]: self.config[key] = value
         self.in_channels, self.out_channels, self.levels = in_channels, out_channels, len(chans)
         self.num_classes, self.context_dim = num_classes, context_dim
         self.gradient_checkpointing = gradient_checkpointing
         emb_dim = 4 * chans[0]
-        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, dropout, norm_groups)
-        tr = lambda c: SpatialTransformer(c, num_heads=c // head_dim if head_dim else num_heads,
-                                          head_dim=head_dim or c // num_heads, context_dim=context_dim,
-                                          depth=1, norm_groups=norm_groups, dropout=dropout)
+        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, dropout, norm_groups, norm_eps, time_embedding_norm)
+        tr = lambda c, i: SpatialTransformer(c, num_heads=heads[i], head_dim=c // heads[i], context_dim=context_dim,
+                                             depth=1, norm_groups=norm_groups, dropout=dropout)
 
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepMLP(chans[0], emb_dim)
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
         self.down_blocks, self.mid_block, self.up_blocks = _levels(chans, attn, layers_per_block, res, tr)
-        self.conv_norm_out = nn.GroupNorm(norm_groups, chans[0], eps=1e-5)
+        self.conv_norm_out = nn.GroupNorm(norm_groups, chans[0], eps=norm_eps)
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
 
     def _run(self, fn, *args):
@@ -245,13 +260,15 @@ UNET_CONFIGS: dict[str, dict] = {
 
 
 def unet_config(name: str, **overrides) -> dict:
-    "A copy of the preset `name` from `UNET_CONFIGS` (all `UNet` arguments filled in), with `overrides` applied."
+    """A copy of the preset `name` from `UNET_CONFIGS` (all `UNet` arguments filled in, except `time_embedding_norm`
+    and `norm_eps`, which appear only when overridden), with `overrides` applied."""
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet config {name!r}; expected one of {sorted(UNET_CONFIGS)}")
     defaults = {k: p.default for k, p in inspect.signature(UNet.__init__).parameters.items() if k != "self"}
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ValueError(f"unknown UNet arguments {unknown}; expected some of {sorted(defaults)}")
+    defaults = {k: v for k, v in defaults.items() if k not in _OPTIONAL_DEFAULTS}
     cfg = {**defaults, **json.loads(json.dumps(UNET_CONFIGS[name])), **overrides}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
@@ -268,19 +285,20 @@ def diffusers_unet(config: dict | str, reference: str = "matched", **overrides) 
     from diffusers import UNet2DConditionModel, UNet2DModel
     cfg = unet_config(config, **overrides) if isinstance(config, str) else {**unet_config("small"), **config, **overrides}
     chans, attn = list(cfg["block_out_channels"]), list(cfg["attention_levels"])
+    heads = _check_config(chans, attn, cfg["layers_per_block"], cfg["num_classes"], cfg["num_heads"], cfg["head_dim"])[2]
     common = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], block_out_channels=chans,
-                  layers_per_block=cfg["layers_per_block"], norm_num_groups=cfg["norm_groups"], norm_eps=1e-5,
-                  resnet_time_scale_shift="scale_shift", dropout=cfg["dropout"], flip_sin_to_cos=True, freq_shift=0,
+                  layers_per_block=cfg["layers_per_block"], norm_num_groups=cfg["norm_groups"],
+                  norm_eps=cfg.get("norm_eps", 1e-5), resnet_time_scale_shift=cfg.get("time_embedding_norm", "scale_shift"),
+                  dropout=cfg["dropout"], flip_sin_to_cos=True, freq_shift=0,
                   num_class_embeds=cfg["num_classes"] + 1 if cfg["num_classes"] else None)
     if reference == "UNet2DModel":
         if cfg["context_dim"] is not None:
             raise ValueError("reference='UNet2DModel' has no cross-attention; use reference='matched' with context_dim")
         return UNet2DModel(down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-                           attention_head_dim=cfg["head_dim"] or chans[-1] // cfg["num_heads"], **common)
+                           attention_head_dim=cfg["head_dim"] or chans[-1] // heads[-1], **common)
     if reference != "matched":
         raise ValueError(f"reference={reference!r}; expected 'matched' or 'UNet2DModel'")
-    heads = [c // cfg["head_dim"] if cfg["head_dim"] else cfg["num_heads"] for c in chans]
     model = UNet2DConditionModel(down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                                  up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
                                  mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cfg["context_dim"] or 8,
@@ -292,17 +310,20 @@ def diffusers_unet(config: dict | str, reference: str = "matched", **overrides) 
     return model
 
 # %% ../nbs/05_unet.ipynb #c112
+_DIFFUSERS_RULES = [(r"\.emb_proj\.", ".time_emb_proj."), (r"\.skip\.", ".conv_shortcut."),
+                    (r"^down_blocks\.(\d+)\.sampler\.", r"down_blocks.\1.downsamplers.0."),
+                    (r"^up_blocks\.(\d+)\.sampler\.", r"up_blocks.\1.upsamplers.0."),
+                    (r"\.(attn[12])\.to_out\.", r".\1.to_out.0.")]
+
+
+def _diffusers_name(name: str) -> str:
+    for pattern, repl in _DIFFUSERS_RULES: name = re.sub(pattern, repl, name)
+    return name
+
+
 def diffusers_unet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Rename a `UNet` state dict to the names of `diffusers_unet(config)` (load it with `strict=True`)."
-    rules = [(r"\.emb_proj\.", ".time_emb_proj."), (r"\.skip\.", ".conv_shortcut."),
-             (r"^down_blocks\.(\d+)\.sampler\.", r"down_blocks.\1.downsamplers.0."),
-             (r"^up_blocks\.(\d+)\.sampler\.", r"up_blocks.\1.upsamplers.0."),
-             (r"\.(attn[12])\.to_out\.", r".\1.to_out.0.")]
-    out = {}
-    for k, v in state.items():
-        for pattern, repl in rules: k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out
+    return {_diffusers_name(k): v for k, v in state.items()}
 
 # %% ../nbs/05_unet.ipynb #c114
 #| code-fold: true
@@ -404,3 +425,96 @@ def format_bench(rows: list[dict]) -> str:
                      f"{r['ours_ms']:.1f} ({r['ours_min_ms']:.1f}) | {r['diffusers_ms']:.1f} ({r['diffusers_min_ms']:.1f}) | "
                      f"{r['ratio']:.2f}× | {r['ours_params'] / 1e6:.2f} M / {r['diffusers_params'] / 1e6:.2f} M |")
     return "\n".join(lines)
+
+# %% ../nbs/05_unet.ipynb #c117
+# diffusers `UNet2DConditionModel` settings whose value is fixed in the family `UNet.from_diffusers` mirrors
+_SD_FIXED = {"act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+             "mid_block_type": "UNetMidBlock2DCrossAttn", "downsample_padding": 1, "mid_block_scale_factor": 1,
+             "dual_cross_attention": False, "upcast_attention": False, "class_embed_type": None,
+             "addition_embed_type": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+             "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+             "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+             "attention_type": "default", "class_embeddings_concat": False, "cross_attention_norm": None,
+             "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "reverse_transformer_layers_per_block": None}
+
+
+def _unsupported(key: str, value, supported: str) -> ValueError:
+    return ValueError(f"UNet.from_diffusers does not support {key}={value!r}; supported: {supported} "
+                      f"(the Stable Diffusion v1/v2 UNet family)")
+
+
+def _per_level(dcfg: dict, key: str, n: int) -> list:
+    "A setting given as one value or as one per level, as a list of `n` values."
+    v = dcfg[key]
+    if isinstance(v, (list, tuple)):
+        if len(v) != n: raise _unsupported(key, v, f"one value, or one per level ({n})")
+        return list(v)
+    return [v] * n
+
+
+def _config_from_diffusers(dcfg: dict, cross_attention: bool) -> dict:
+    "Check that a `UNet2DConditionModel` config is of the family `UNet` mirrors, and translate it to `UNet` arguments."
+    for key, want in _SD_FIXED.items():
+        if key in dcfg and dcfg[key] != want: raise _unsupported(key, dcfg[key], repr(want))
+    only_cross = dcfg.get("only_cross_attention", False)
+    if any(only_cross if isinstance(only_cross, (list, tuple)) else [only_cross]):
+        raise _unsupported("only_cross_attention", only_cross, "False (self- and cross-attention in every transformer)")
+    if dcfg.get("resnet_time_scale_shift", "default") not in ("default", "scale_shift"):
+        raise _unsupported("resnet_time_scale_shift", dcfg["resnet_time_scale_shift"], "'default' or 'scale_shift'")
+    down, up = list(dcfg["down_block_types"]), list(dcfg["up_block_types"])
+    if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
+        raise _unsupported("down_block_types", down, "CrossAttnDownBlock2D / DownBlock2D levels")
+    attn = [t == "CrossAttnDownBlock2D" for t in down]
+    mirror = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+    if up != mirror: raise _unsupported("up_block_types", up, f"the mirror of down_block_types, {mirror}")
+    n = len(down)
+    depth = dcfg.get("transformer_layers_per_block", 1)
+    if any(x != 1 for x in (depth if isinstance(depth, (list, tuple)) else [depth])):
+        raise _unsupported("transformer_layers_per_block", depth, "1 (one transformer block per attention layer)")
+    layers = _per_level(dcfg, "layers_per_block", n)
+    if len(set(layers)) != 1: raise _unsupported("layers_per_block", dcfg["layers_per_block"], "the same number at every level")
+    cross = _per_level(dcfg, "cross_attention_dim", n)
+    if len(set(cross)) != 1: raise _unsupported("cross_attention_dim", dcfg["cross_attention_dim"], "one width for every level")
+    if dcfg.get("norm_num_groups") is None:
+        raise _unsupported("norm_num_groups", None, "an int (a GroupNorm before the output conv)")
+    heads_key = "num_attention_heads" if dcfg.get("num_attention_heads") else "attention_head_dim"
+    heads = _per_level(dcfg, heads_key, n)              # diffusers' `attention_head_dim` is the number of heads
+    n_class = dcfg.get("num_class_embeds")
+    if n_class is not None and n_class < 2:
+        raise _unsupported("num_class_embeds", n_class, "None, or >= 2 (the last class is the null class)")
+    return dict(in_channels=dcfg["in_channels"], out_channels=dcfg["out_channels"],
+                block_out_channels=list(dcfg["block_out_channels"]), layers_per_block=layers[0], attention_levels=attn,
+                num_heads=heads[0] if len(set(heads)) == 1 else heads, head_dim=None,
+                num_classes=None if n_class is None else n_class - 1, context_dim=cross[0] if cross_attention else None,
+                dropout=dcfg.get("dropout", 0.0), norm_groups=dcfg["norm_num_groups"],
+                time_embedding_norm=dcfg.get("resnet_time_scale_shift", "default"), norm_eps=dcfg.get("norm_eps", 1e-5))
+
+
+@classmethod
+def _from_diffusers(cls, unet_2d_condition_model) -> UNet:
+    """Build the `UNet` matching a `diffusers.UNet2DConditionModel` of the Stable Diffusion v1/v2 family and copy its
+    weights, so that `unet(x, t, context=c)` equals `model(x, t, encoder_hidden_states=c).sample`. A model with
+    `num_class_embeds=n` becomes `num_classes=n - 1` (its last class is our null class)."""
+    model = unet_2d_condition_model
+    if type(model).__name__ != "UNet2DConditionModel" or not hasattr(model, "config"):
+        raise ValueError(f"from_diffusers expects a diffusers UNet2DConditionModel; got {type(model).__name__}")
+    theirs = model.state_dict()
+    cross_attention = any(".attn2." in k for k in theirs)   # False only for diffusers_unet's self-attention twin
+    unet = cls(**_config_from_diffusers(dict(model.config), cross_attention))
+    ours = unet.state_dict()
+    names = {k: _diffusers_name(k) for k in ours}
+    missing = sorted(d for d in names.values() if d not in theirs)
+    extra = sorted(set(theirs) - set(names.values()))
+    if missing or extra:
+        raise ValueError(f"this UNet2DConditionModel does not map onto the course UNet: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    state = {}
+    for k, d in names.items():
+        v = theirs[d]
+        if v.ndim == 2 and ours[k].ndim == 4: v = v[:, :, None, None]   # use_linear_projection: Linear → 1×1 conv
+        state[k] = v
+    unet.load_state_dict(state)
+    p = next(model.parameters())
+    return unet.to(device=p.device, dtype=p.dtype).eval()
+
+UNet.from_diffusers = _from_diffusers

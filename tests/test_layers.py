@@ -99,3 +99,19 @@ def test_resblock_bad_input():
         block(torch.randn(2, 32, 8, 8))
     with pytest.raises(ValueError, match=r"Upsample expects x of shape \(B, 8, H, W\)"):
         Upsample(8)(torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(32, 64, 32), (16, 48, 8)])
+def test_resblock_default_time_embedding_equals_diffusers(cin, cout, groups):
+    "`time_embedding_norm='default'` (Stable Diffusion's ResBlock: embedding added before the second GroupNorm)."
+    from diffusers.models.resnet import ResnetBlock2D
+    ours = ResBlock(cin, cout, emb_dim=40, norm_groups=groups, time_embedding_norm="default").double().eval()
+    ref = ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=40, groups=groups, eps=1e-5,
+                        time_embedding_norm="default").double().eval()
+    ref.load_state_dict(diffusers_resblock_state(ours.state_dict()))
+    assert ours.emb_proj.out_features == cout
+    x, e = torch.randn(2, cin, 8, 8, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, e), ref(x, e), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="time_embedding_norm='spatial'; expected 'scale_shift' or 'default'"):
+        ResBlock(cin, cout, emb_dim=40, norm_groups=groups, time_embedding_norm="spatial")

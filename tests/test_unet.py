@@ -200,3 +200,111 @@ def test_non_finite_timesteps_raise():
     m = UNet(**unet_config("tiny"))
     with pytest.raises(ValueError, match="NaN or infinite timesteps"):
         m(torch.zeros(2, 1, 32, 32), torch.tensor([1.0, float("nan")]))
+
+
+def _sd_unet(chans, attn, heads=2, layers=1, cross=16, groups=8, seed=0, **kw):
+    "A small random `UNet2DConditionModel` of the Stable Diffusion family, its weights moved off their initial values."
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    d = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=chans,
+                             down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                             up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                             layers_per_block=layers, cross_attention_dim=cross, attention_head_dim=heads,
+                             norm_num_groups=groups, **kw).eval()
+    with torch.no_grad():   # GroupNorm weights of one and zero biases would hide a misplaced tensor
+        for p in d.parameters(): p.add_(torch.randn_like(p) * 0.05)
+    return d
+
+
+@pytest.mark.parametrize("chans,attn,kw", [
+    ((32, 64), (False, True), {}),
+    ((32, 64), (True, False), dict(layers=2, cross=32)),
+    ((32, 64, 64), (True, True, False), dict(heads=[2, 4, 4], layers=2, cross=32, groups=16)),
+    ((32, 32, 64, 64), (True, True, True, False), dict(heads=8, cross=32, groups=32)),       # SD 1.x pattern
+    ((32, 32, 64, 64), (True, True, True, False), dict(heads=[1, 2, 4, 8], layers=2, cross=16, groups=16)),
+    ((32, 64), (True, True), dict(heads=[1, 2], use_linear_projection=True)),                 # SD 2.x projections
+    ((32, 64), (False, True), dict(resnet_time_scale_shift="scale_shift", norm_eps=1e-6, dropout=0.1)),
+])
+def test_from_diffusers_equals_unet2dconditionmodel(chans, attn, kw):
+    ref = _sd_unet(chans, attn, **kw)
+    ours = UNet.from_diffusers(ref)
+    assert ours.config["attention_levels"] == list(attn) and ours.config["context_dim"] == kw.get("cross", 16)
+    assert count_params(ours) == count_params(ref)
+    g = torch.Generator().manual_seed(1)
+    x, t, c = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([3, 871]), torch.randn(2, 5, kw.get("cross", 16), generator=g)
+    with torch.no_grad():
+        out = ours(x, t, context=c, context_mask=None)
+        diff = (out - ref(x, t, encoder_hidden_states=c).sample).abs().max().item()
+        assert (out - ours(x, t, context=c.flip(0))).abs().max() > 1e-3      # the context matters
+    print(f"{chans} {attn} {kw}: max |ours - diffusers| = {diff:.1e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-text", "tiny-class", "tiny"])
+def test_from_diffusers_round_trip(name):
+    "Ours → diffusers_unet (weights copied) → UNet.from_diffusers gives back the same config and function."
+    cfg = unet_config(name, dropout=0.0)
+    torch.manual_seed(0)
+    ours = UNet(**cfg).eval()
+    ref = diffusers_unet(cfg).eval()
+    ref.load_state_dict(diffusers_unet_state(ours.state_dict()), strict=True)
+    back = UNet.from_diffusers(ref)
+    assert back.config == ours.config
+    x, kw = _x(c=1, s=32), {}
+    if cfg["context_dim"]: kw["context"] = torch.randn(2, 4, cfg["context_dim"])
+    if cfg["num_classes"]: kw["class_labels"] = torch.tensor([1, 10])
+    with torch.no_grad():
+        assert (back(x, torch.tensor([5, 500]), **kw) - ours(x, torch.tensor([5, 500]), **kw)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(upcast_attention=True), "upcast_attention=True"),
+    (dict(only_cross_attention=True), "only_cross_attention=True"),
+    (dict(transformer_layers_per_block=2), "transformer_layers_per_block=2"),
+    (dict(flip_sin_to_cos=False), "flip_sin_to_cos=False; supported: True"),
+    (dict(center_input_sample=True), "center_input_sample=True"),
+    (dict(class_embed_type="timestep"), "class_embed_type='timestep'; supported: None"),
+    (dict(time_cond_proj_dim=8), "time_cond_proj_dim=8"),
+    (dict(conv_in_kernel=5), "conv_in_kernel=5; supported: 3"),
+    (dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+     r"down_block_types=\['DownBlock2D', 'AttnDownBlock2D'\]; supported: CrossAttnDownBlock2D / DownBlock2D"),
+    (dict(up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")), r"up_block_types=.*the mirror of down_block_types"),
+    (dict(layers_per_block=(1, 2)), r"layers_per_block=\(1, 2\); supported: the same number at every level"),
+])
+def test_from_diffusers_refuses_other_families(kw, msg):
+    from diffusers import UNet2DConditionModel
+    base = dict(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2,
+                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    model = UNet2DConditionModel(**{**base, **kw})
+    with pytest.raises(ValueError, match="UNet.from_diffusers does not support " + msg):
+        UNet.from_diffusers(model)
+
+
+def test_from_diffusers_needs_a_unet2dconditionmodel():
+    with pytest.raises(ValueError, match="expects a diffusers UNet2DConditionModel; got Linear"):
+        UNet.from_diffusers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="got UNet"):
+        UNet.from_diffusers(UNet(**SMALL))
+
+
+def test_sd_options_in_config_only_when_set(tmp_path):
+    "`time_embedding_norm`, `norm_eps` and per-level heads: saved and loaded; absent from configs that keep the defaults."
+    m = UNet(**SMALL)
+    assert "time_embedding_norm" not in m.config and "norm_eps" not in m.config
+    assert "time_embedding_norm" not in unet_config("tiny")
+    m = UNet(**{**SMALL, "num_heads": [1, 4]}, time_embedding_norm="default", norm_eps=1e-6, context_dim=8).eval()
+    assert m.config["time_embedding_norm"] == "default" and m.config["norm_eps"] == 1e-6 and m.config["num_heads"] == [1, 4]
+    assert m.mid_block.attentions[0].transformer_blocks[0].attn1.num_heads == 4
+    assert m.down_blocks[0].resnets[0].emb_proj.out_features == 16
+    m.save_pretrained(tmp_path / "u")
+    m2 = UNet.from_pretrained(tmp_path / "u")
+    assert m2.config == m.config
+    x, c = _x(), torch.randn(2, 3, 8)
+    with torch.no_grad(): assert torch.equal(m(x, 7, context=c), m2(x, 7, context=c))
+    with pytest.raises(ValueError, match=r"num_heads has 3 entries; expected one per level \(2\)"):
+        UNet(**{**SMALL, "num_heads": [1, 2, 4]})
+    with pytest.raises(ValueError, match="attention level with 32 channels is not divisible by num_heads=3"):
+        UNet(**{**SMALL, "num_heads": [2, 3]})
+    with pytest.raises(ValueError, match="expected 'scale_shift' or 'default'"):
+        UNet(**SMALL, time_embedding_norm="ada_group")
