@@ -142,17 +142,46 @@ def _is_latent(weights) -> bool:
         return False   # not readable as weights + JSON: the DDPM loader says what is wrong
 
 
+def _is_conditional(weights) -> bool:
+    "Whether `weights` (already resolved) hold a class- or text-conditional latent model."
+    from ldm_course.files import Pretrained
+    try:
+        return _is_latent(weights) and isinstance(Pretrained.read_info(weights).get("conditioning"), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _generate_conditional(args) -> dict:
+    from ldm_course.guidance import generate_conditional
+    if args.no_clip: raise ValueError("--no-clip is for pixel models; latents are never clamped")
+    return generate_conditional(args.weights, args.class_name, args.prompt, args.guidance, args.negative_prompt,
+                                args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif, each=args.each)
+
+
 def _generate(args) -> dict:
-    from ldm_course.ddpm import _resolve_weights
+    from ldm_course.ddpm import SHIPPED_DDPM, _resolve_weights
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS, generate_latent
     from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_grid_n, generate
-    latent = _is_latent(_resolve_weights(args.weights))  # an empty or unknown name fails before the output folder is made
+    if args.class_name is not None and args.prompt is not None: raise ValueError("give --class-name or --prompt, not both")
+    asked = args.class_name is not None or args.prompt is not None
+    if args.weights is None:   # a class or a prompt picks the course's conditional model
+        args.weights = "fmnist_latent_class" if args.class_name is not None else "fmnist_latent_text" if asked else SHIPPED_DDPM
+    weights = _resolve_weights(args.weights)   # an empty or unknown name fails before the output folder is made
+    latent, conditional = _is_latent(weights), _is_conditional(weights)
+    if conditional != asked:
+        raise ValueError(f"{args.weights} is a conditional model: give --class-name or --prompt" if conditional else
+                         f"{args.weights} is unconditional: --class-name needs a class model (fmnist_latent_class, "
+                         f"catdog_latent_class), --prompt a text model (fmnist_latent_text)")
+    if not conditional and (args.guidance is not None or args.negative_prompt is not None):
+        raise ValueError("--guidance and --negative-prompt need a conditional model (--class-name or --prompt)")
+    if not conditional and args.each: raise ValueError("--each is for conditional models (--class-name or --prompt)")
     args.sampler = args.sampler or (LATENT_SAMPLER if latent else DEFAULT_SAMPLER)
     args.steps = args.steps if args.steps is not None else (LATENT_STEPS if latent else DEFAULT_STEPS)
     _positive(args, "n", "steps")
     check_grid_n(args.n, name="--n")   # the library's own limit (MAX_GRID), before the output folder is made
     _check_seed(args.seed)
     _writable_dir(args.out, ("samples.png",) + (() if args.no_gif else ("denoising.gif",)))
+    if conditional: return _generate_conditional(args)
     if latent:   # latents are never clipped: --no-clip changes nothing
         return generate_latent(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif)
     return generate(args.weights, args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif,
@@ -190,7 +219,7 @@ def _train_classifier(args) -> dict:
     out = _safetensors_out(args.out, "classifier")
     _writable_file(str(out), "--out")
     _, summary = train_fid_classifier(out=out, epochs=args.epochs, dataset=args.dataset, command=args.command_line,
-                                      fallback=args.allow_fallback or None)
+                                      fallback=args.allow_fallback or None, augment=args.augment)
     return {"weights": str(out), **{k: v for k, v in summary.items() if k != "history"}}
 
 
@@ -217,7 +246,21 @@ def _train_latent(args) -> dict:
     return {"weights": str(run["out"]), **summary, "fid": ev["fid"], "fid_n": n}
 
 
-TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier}
+def _train_conditional(args, kind: str) -> dict:
+    from ldm_course.conditioning import train_conditional
+    from ldm_course.guidance import best_guidance, guidance_sweep, record_guidance, sweep_table
+    run = _run_args(args, f"latent_{kind}")
+    model, _, info = train_conditional(kind, vae=args.vae or "fmnist_vae", **run)
+    rows = guidance_sweep(model, n=args.fid_n, progress=False)
+    print(sweep_table(rows), file=sys.stderr)
+    best = best_guidance(rows, next((r["fid"] for r in rows if r["scale"] == 1.0), None))   # FID no worse than unguided
+    record_guidance(run["out"], rows, best, command=f"{args.command_line} (sweep after training)", force=True)
+    summary = {k: info[k] for k in ("dataset", "vae", "kind", "params", "epochs", "steps", "seconds", "hardware")}
+    return {"weights": str(run["out"]), **summary, "best_scale": best["scale"], "accuracy": best["accuracy"], "fid": best["fid"]}
+
+
+TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier,
+         "latent-class": lambda args: _train_conditional(args, "class"), "latent-text": lambda args: _train_conditional(args, "text")}
 
 
 def _train(args) -> dict:
@@ -227,8 +270,31 @@ def _train(args) -> dict:
     return TRAIN[args.what](args)
 
 
+def _eval_guidance(args) -> dict:
+    from ldm_course.files import save_json
+    from ldm_course.guidance import GUIDANCE_SCALES, best_guidance, guidance_sweep, record_guidance, sweep_table
+    from ldm_course.samplers import record_path
+    weights = args.weights or "fmnist_latent_class"
+    if args.record: record_path(weights, args.force)   # refuses the package's own JSON without --force, before the work
+    _check_seed(args.seed)
+    _writable_file(args.json, "--json")
+    scales = [float(s) for s in args.scales.split(",")] if args.scales else GUIDANCE_SCALES
+    rows = guidance_sweep(weights, scales, n=args.n, seed=args.seed, progress=False)
+    print(sweep_table(rows), file=sys.stderr)
+    unguided = next((r["fid"] for r in rows if r["scale"] == 1.0), None)   # default limit: no worse than unguided
+    best = best_guidance(rows, args.max_fid if args.max_fid is not None else unguided)
+    res = {"weights": weights, "best_scale": best["scale"], "accuracy": best["accuracy"], "fid": best["fid"],
+           "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
+    if args.record: res["recorded_in"] = str(record_guidance(weights, rows, best, command=args.command_line, force=args.force))
+    if args.json: save_json(res, args.json)
+    return {k: v for k, v in res.items() if k != "rows"}
+
+
 def _eval(args) -> dict:
     from ldm_course.files import save_json
+    from ldm_course.ddpm import SHIPPED_DDPM
+    if args.what == "guidance": return _eval_guidance(args)
+    args.weights = args.weights or SHIPPED_DDPM
     from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation, record_path
     _positive(args, "n")
     if args.n is not None and args.n < 2: raise ValueError(f"--n must be ≥ 2 (FID needs a covariance), got {args.n}")
@@ -304,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
     g = sub.add_parser("generate", help="sample images from a DDPM or a latent model (PNG grid + denoising GIF)")
-    g.add_argument("--weights", default=SHIPPED_DDPM, help="a shipped model name or a .safetensors file")
+    g.add_argument("--weights", default=None, help=f"a shipped model name or a .safetensors file (default {SHIPPED_DDPM}; "
+                   "with --class-name fmnist_latent_class, with --prompt fmnist_latent_text)")
+    g.add_argument("--class-name", default=None, help="class models: the class to draw (any case), e.g. sneaker, cat")
+    g.add_argument("--prompt", default=None, help='text models: what to draw, e.g. "a photo of a sneaker"')
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale ≥ 0 (0 unconditional, 1 conditional; default: the model's recorded best)")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from: a prompt (text models) or a class (class models)")
+    g.add_argument("--each", action="store_true", help="also write every image as its own PNG (000.png, 001.png, ...) in --out")
     g.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help=f"default {DEFAULT_SAMPLER} (pixel models), {LATENT_SAMPLER} (latent models)")
     g.add_argument("--steps", type=int, default=None,
@@ -326,12 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
+    t.add_argument("--augment", action="store_true", help="classifier: random flips and shifts while training (photos)")
+    t.add_argument("--vae", default=None, help="latent-class, latent-text: the shipped VAE or a file (default fmnist_vae)")
     t.add_argument("--allow-fallback", action="store_true",
                    help="train on the bundled MNIST digits when --dataset is not available (without --dataset: always)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a trained model")
-    e.add_argument("what", choices=["samplers"], help="the FID/KID table of sampler × steps")
-    e.add_argument("--weights", default=SHIPPED_DDPM)
+    e.add_argument("what", choices=["samplers", "guidance"],
+                   help="samplers: the FID/KID table of sampler × steps; guidance: FID and conditional accuracy per guidance scale")
+    e.add_argument("--weights", default=None, help=f"default {SHIPPED_DDPM} (samplers), fmnist_latent_class (guidance)")
+    e.add_argument("--scales", default=None, help="guidance: comma-separated scales (default 0,1,1.5,2,3,5,7.5)")
+    e.add_argument("--max-fid", type=float, default=None,
+                   help="guidance: the best scale must have FID ≤ this (default: the FID at scale 1, no guidance)")
     e.add_argument("--runs", default=None, help="sampler:steps,... (default: " +
                    ",".join(f"{a}:{b}" for a, b in DEFAULT_RUNS) + ")")
     e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000)")

@@ -102,12 +102,13 @@ def recipe_sizes(recipe: dict, lr: float, **given) -> tuple:
 def fit_ddpm(model: nn.Module, train_dl, valid_dl, schedule: NoiseSchedule, epochs: int, lr: float = 2e-3,
              prediction_type: str = "epsilon", ema_decay: float = 0.999, class_cond: bool = False,
              max_steps: int | None = None, checkpoint: str | Path | None = None, resume: bool = False,
-             run: dict | None = None, progress: bool = True) -> tuple[nn.Module, Learner, MetricsCB]:
+             run: dict | None = None, progress: bool = True, cbs: Sequence[Callback] = ()) -> tuple[nn.Module, Learner, MetricsCB]:
     """The DDPM training loop on any data: `Learner` + `DDPMCallback` + one-cycle LR + grad clipping + EMA (+ progress,
     + a checkpoint every 200 steps and epoch, resumable when `run`, the settings, match). `train_dl` yields
-    `(x0, y)` batches of images or latents. Returns `(ema_model in eval mode, learn, metrics)`."""
+    `(x0, y)` batches of images or latents; `cbs`: more callbacks (e.g. how a conditional model reads `y`).
+    Returns `(ema_model in eval mode, learn, metrics)`."""
     ema, metrics = EMACB(ema_decay), MetricsCB()
-    cbs = [DDPMCallback(schedule, prediction_type, class_cond=class_cond), metrics, OneCycleCB(lr), GradClipCB(1.0), ema]
+    cbs = [DDPMCallback(schedule, prediction_type, class_cond=class_cond), metrics, OneCycleCB(lr), GradClipCB(1.0), ema, *cbs]
     if progress: cbs.append(ProgressCB())
     if resume: check_same_run(checkpoint, run or {})
     if checkpoint is not None: cbs.append(CheckpointCB(checkpoint, every_steps=200, run=run))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib, json, math, time, warnings
 from functools import partial
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -329,13 +330,14 @@ def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | None = None, confi
                  ema_decay: float | None = None, schedule: NoiseSchedule | None = None, class_cond: bool = False,
                  seed: int = 0, progress: bool = True, out: str | Path | None = None, max_steps: int | None = None,
                  checkpoint: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-                 cache: bool | str | Path = True, command: str | None = None,
-                 fallback: bool | None = None) -> tuple[LatentDiffusion, Learner, dict]:
+                 cache: bool | str | Path = True, command: str | None = None, fallback: bool | None = None,
+                 cbs: Sequence = (), unet_kwargs: dict | None = None) -> tuple[LatentDiffusion, Learner, dict]:
     """Train a DDPM UNet in the latent space of `vae` (a shipped name or a `VAE`) on `dataset`; sizes from `latent_recipe()`.
 
     Encodes the data once (`encode_dataset`, cached unless `cache=False`), computes the scale factor from the
     training latents, then runs `fit_ddpm` on latents sampled afresh from their posteriors every epoch.
-    `checkpoint`/`resume`/`overwrite`/`fallback` as in `train_ddpm`. Returns `(model, learn, info)`: a
+    `checkpoint`/`resume`/`overwrite`/`fallback` as in `train_ddpm`; `cbs` go to `fit_ddpm` and `unet_kwargs`
+    override the UNet's config (how notebook 12 adds conditioning). Returns `(model, learn, info)`: a
     `LatentDiffusion` with the EMA UNet, the `Learner`, and a JSON-able `info` (saved with the model under `out`)."""
     check_checkpoint(checkpoint, resume, overwrite, out)
     config, epochs, n_train, batch_size, ema_decay = recipe_sizes(latent_recipe(), lr, config=config, epochs=epochs,
@@ -352,7 +354,8 @@ def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | None = None, confi
     if class_cond and len(train.labels.unique()) < 2: raise ValueError(f"class_cond=True needs a labelled dataset; {train.name!r} has no classes")
     c = train.shape[0]
     cfg = unet_config(config) if isinstance(config, str) else dict(config)
-    cfg.update(in_channels=c, out_channels=c, num_classes=int(train.labels.max()) + 1 if class_cond else None)
+    cfg.update({"in_channels": c, "out_channels": c, "num_classes": int(train.labels.max()) + 1 if class_cond else None,
+                **(unet_kwargs or {})})
     torch.manual_seed(seed)
     unet = UNet(**cfg)
     train_dl, valid_dl = latent_dataloaders(train, test, batch_size, seed)
@@ -360,7 +363,7 @@ def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | None = None, confi
                 batch_size=batch_size, lr=lr, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
     ema_unet, learn, metrics = fit_ddpm(unet, train_dl, valid_dl, schedule, epochs, lr=lr, ema_decay=ema_decay,
                                         class_cond=class_cond, max_steps=max_steps, checkpoint=checkpoint, resume=resume,
-                                        run=args, progress=progress)
+                                        run=args, progress=progress, cbs=cbs)
     image_size = vae.factor * train.shape[1]
     model = LatentDiffusion(vae, ema_unet, schedule, scale, image_size=image_size, vae_name=vae_name)
     info = dict(dataset=train.name, n_train=len(train), vae=vae_name or "custom", vae_fingerprint=vae_fingerprint(vae),

@@ -16,12 +16,12 @@ from torch import nn
 
 from .data import ImageDataset, by_scale, get_dataloaders, load_dataset, to_float
 from .files import Pretrained, hardware, weights_dir
-from .learner import Learner, MetricsCB, OneCycleCB, ProgressCB, accuracy, check_checkpoint
+from .learner import Callback, Learner, MetricsCB, OneCycleCB, ProgressCB, accuracy, check_checkpoint
 
 # %% auto #0
-__all__ = ['ResidualBlock', 'ResNetClassifier', 'train_classifier', 'default_classifier_path', 'classifier_accuracy',
-           'train_fid_classifier', 'load_fid_classifier', 'extract_features', 'feature_stats', 'fid_from_stats',
-           'fid_from_features', 'polynomial_mmd2', 'kid_from_features', 'FIDScorer']
+__all__ = ['ResidualBlock', 'ResNetClassifier', 'FlipShiftCB', 'train_classifier', 'default_classifier_path',
+           'classifier_accuracy', 'train_fid_classifier', 'load_fid_classifier', 'extract_features', 'feature_stats',
+           'fid_from_stats', 'fid_from_features', 'polynomial_mmd2', 'kid_from_features', 'FIDScorer']
 
 # %% ../nbs/07_fid.ipynb #c008
 class ResidualBlock(nn.Module):
@@ -67,10 +67,29 @@ class ResNetClassifier(nn.Module, Pretrained):
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.head(self.features(x))
 
 # %% ../nbs/07_fid.ipynb #c011
+class FlipShiftCB(Callback):
+    "Training-time augmentation for image batches `(x, y)`: each image flipped left-right with probability ½, the batch shifted by up to `shift` pixels (reflect padding)."
+    order = -10
+    def __init__(self, shift: int = 2): self.shift = shift
+
+    def before_batch(self):
+        if not self.learn.training: return
+        x, y = self.learn.batch
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.shift:
+            s, (H, W) = self.shift, x.shape[-2:]
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            x = F.pad(x, (s, s, s, s), mode="reflect")[..., dy:dy + H, dx:dx + W]
+        self.learn.batch = (x, y)
+
+
 def train_classifier(dataset: str | None = None, epochs: int | None = None, n_train: int | None = None,
                      batch_size: int = 256, lr: float = 3e-3, channels: Sequence[int] = (16, 32, 64, 128),
-                     seed: int = 0, progress: bool = True, fallback: bool | None = None) -> tuple[ResNetClassifier, Learner]:
-    "Train a `ResNetClassifier` on `dataset` with one-cycle AdamW; sizes default from the course scale; `fallback` as in `load_dataset`."
+                     seed: int = 0, progress: bool = True, fallback: bool | None = None,
+                     augment: bool = False) -> tuple[ResNetClassifier, Learner]:
+    """Train a `ResNetClassifier` on `dataset` with one-cycle AdamW; sizes default from the course scale; `fallback` as in `load_dataset`;
+    `augment` adds `FlipShiftCB` (for photos such as cats and dogs, where a mirrored image is just as real)."""
     torch.manual_seed(seed)
     epochs = epochs or by_scale(ci=1, cpu=5, gpu=10)
     n_train = n_train if n_train is not None else by_scale(ci=512, cpu=None, gpu=None)
@@ -78,7 +97,7 @@ def train_classifier(dataset: str | None = None, epochs: int | None = None, n_tr
                                          fallback=fallback)
     in_ch = train_dl.dataset.shape[0]
     model = ResNetClassifier(in_ch, max(len(train_dl.dataset.classes), 1), channels)
-    cbs = [MetricsCB(accuracy=accuracy), OneCycleCB(lr)] + ([ProgressCB()] if progress else [])
+    cbs = [MetricsCB(accuracy=accuracy), OneCycleCB(lr)] + ([FlipShiftCB()] if augment else []) + ([ProgressCB()] if progress else [])
     learn = Learner(model, (train_dl, valid_dl), F.cross_entropy, lr=lr, cbs=cbs, weight_decay=0.05)
     learn.fit(epochs)
     return model.eval(), learn
@@ -103,9 +122,11 @@ def train_fid_classifier(out: str | Path = "ldm_course/weights/fmnist_classifier
                          epochs: int | None = None, dataset: str | None = None, n_train: int | None = None,
                          batch_size: int = 256, lr: float = 3e-3, channels: Sequence[int] = (16, 32, 64, 128),
                          n_test: int | None = None, seed: int = 0, progress: bool = True,
-                         command: str | None = None, fallback: bool | None = None) -> tuple[ResNetClassifier, dict]:
+                         command: str | None = None, fallback: bool | None = None,
+                         augment: bool = False) -> tuple[ResNetClassifier, dict]:
     """Train the FID feature extractor on `dataset` (default: the course dataset, Fashion-MNIST) and save it to `out`
-    (`.safetensors` + `.json` beside it, both checked writable before training); `fallback` as in `load_dataset`.
+    (`.safetensors` + `.json` beside it, both checked writable before training); `fallback` and `augment` as in
+    `train_classifier`.
 
     Defaults come from the course scale: `cpu`/`gpu` train on every training image for 5 epochs and measure the
     accuracy on the whole test split; `ci` trains 1 epoch on 512 images and tests on 1,000. The JSON records the
@@ -120,14 +141,14 @@ def train_fid_classifier(out: str | Path = "ldm_course/weights/fmnist_classifier
     n_train = n_train if n_train is not None else by_scale(ci=512, cpu=sys.maxsize, gpu=sys.maxsize)
     t0 = time.time()
     model, learn = train_classifier(dataset, epochs, n_train=n_train, batch_size=batch_size, lr=lr,
-                                    channels=channels, seed=seed, progress=progress, fallback=fallback)
+                                    channels=channels, seed=seed, progress=progress, fallback=fallback, augment=augment)
     train_seconds = time.time() - t0
     test = load_dataset(dataset, "test", fallback=fallback).subset(n_test if n_test is not None else by_scale(ci=1000, cpu=None, gpu=None), seed)
     acc = classifier_accuracy(model, to_float(test.images), test.labels)
     call = (f"train_fid_classifier(out={str(out)!r}, epochs={epochs}, dataset={dataset!r}, n_train={n_train if n_train != sys.maxsize else None}, "
-            f"n_test={n_test}, batch_size={batch_size}, lr={lr}, channels={tuple(channels)}, seed={seed})")
+            f"n_test={n_test}, batch_size={batch_size}, lr={lr}, channels={tuple(channels)}, seed={seed}, augment={augment})")
     info = {"dataset": learn.train_dl.dataset.name, "n_train": len(learn.train_dl.dataset), "n_test": len(test),
-            "test_accuracy": round(acc, 4), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "test_accuracy": round(acc, 4), "epochs": epochs, "augment": augment, "batch_size": batch_size, "lr": lr, "seed": seed,
             "train_seconds": round(train_seconds, 1), "hardware": hardware(), "torch_threads": torch.get_num_threads(),
             "command": command or f"python -c 'from ldm_course.metrics import train_fid_classifier; {call}'",
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,

@@ -12,8 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .unet import UNet
+from .vae import VAE
+
 # %% auto #0
-__all__ = ['SD15_SCHEDULER_CONFIG', 'SCHEDULERS', 'OUTPUT_TYPES', 'tiny_sd_parts', 'ImageDiffusionModel']
+__all__ = ['SD15_SCHEDULER_CONFIG', 'SCHEDULERS', 'OUTPUT_TYPES', 'tiny_sd_parts', 'ImageDiffusionModel', 'to_course_parts']
 
 # %% ../nbs/15_diffusers.ipynb #p007
 #| code-fold: true
@@ -92,10 +95,15 @@ class ImageDiffusionModel:
     (`UNet2DConditionModel`, predicting ε) and two schedulers with the same noise schedule, `LMSDiscreteScheduler`
     and `DDIMScheduler`. Call `prompt_to_img`; the other methods are its steps."""
 
-    def __init__(self, vae, tokenizer, text_encoder, unet, scheduler_LMS, scheduler_DDIM):
+    def __init__(self, vae, tokenizer, text_encoder, unet, scheduler_LMS, scheduler_DDIM, scaling_factor: float | None = None):
         self.vae, self.tokenizer, self.text_encoder, self.unet = vae.eval(), tokenizer, text_encoder.eval(), unet.eval()
         self.schedulers = {"lms": scheduler_LMS, "ddim": scheduler_DDIM}
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)   # 8 for SD: image size / latent size
+        course_vae = isinstance(vae, VAE)       # the course's own VAE (notebook 09) or diffusers' AutoencoderKL
+        self.vae_scale_factor = vae.factor if course_vae else 2 ** (len(vae.config.block_out_channels) - 1)   # 8 for SD
+        if scaling_factor is None and course_vae:
+            raise ValueError("the course's VAE carries no latent scaling factor; pass scaling_factor (SD v1: 0.18215)")
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+        self.latent_channels = unet.in_channels if isinstance(unet, UNet) else unet.config.in_channels
 
     @property
     def device(self) -> torch.device: return next(self.unet.parameters()).device
@@ -130,7 +138,7 @@ class ImageDiffusionModel:
                 and height % f == 0 and width % f == 0):
             raise ValueError(f"height={height} and width={width} must be positive multiples of {f}: the VAE "
                              f"downsamples by {f}, so the latent is height/{f} × width/{f}")
-        shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
+        shape = (batch_size, self.latent_channels, height // f, width // f)
         if img_latents is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             img_latents = torch.randn(shape, generator=generator)
@@ -143,11 +151,17 @@ class ImageDiffusionModel:
                 raise ValueError("img_latents contains NaN or infinite values; give finite standard normal noise")
         return img_latents.to(self.device, torch.float32) * self.scheduler(scheduler).init_noise_sigma
 
+    def predict_noise(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
+        "The UNet's ε for latents (B, C, h, w) at timestep `t` with contexts `embeds` (B, L, D): a course `UNet` or diffusers'."
+        if isinstance(self.unet, UNet): return self.unet(latents, t, context=embeds)
+        return self.unet(latents, t, encoder_hidden_states=embeds).sample
+
     @torch.no_grad()
     def decode_img_latents(self, latents: torch.Tensor) -> torch.Tensor:
         "Latents (B, C, h, w) → images (B, 3, h·f, w·f) in [0, 1], float32: undo the scaling factor, decode."
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(vae_dtype)).sample
+        images = self.vae.decode((latents / self.scaling_factor).to(vae_dtype))
+        images = images if isinstance(images, torch.Tensor) else images.sample   # the course VAE returns the tensor
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def transform_imgs(self, imgs: torch.Tensor) -> list[Image.Image]:
@@ -196,7 +210,7 @@ class ImageDiffusionModel:
         for t in timesteps:
             latent_model_input = sched.scale_model_input(torch.cat([latents] * 2), t)
             with self._autocast():
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=embeds).sample.float()
+                noise_pred = self.predict_noise(latent_model_input, t, embeds).float()
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
             latents = sched.step(noise_pred, t, latents).prev_sample
@@ -229,3 +243,12 @@ class ImageDiffusionModel:
         return (f"ImageDiffusionModel(vae {n(self.vae)}, text_encoder {n(self.text_encoder)}, unet {n(self.unet)}, "
                 f"f={self.vae_scale_factor}, context {self.tokenizer.model_max_length} tokens, "
                 f"device={self.device}, unet dtype={next(self.unet.parameters()).dtype})")
+
+# %% ../nbs/15_diffusers.ipynb #p025b
+def to_course_parts(parts: dict) -> dict:
+    """Stable Diffusion's parts (the keyword arguments of `ImageDiffusionModel`) with the UNet and the VAE replaced by
+    the course's own, built by `UNet.from_diffusers` / `VAE.from_diffusers` with the same weights; the tokenizer,
+    text encoder and schedulers stay. Adds the VAE's `scaling_factor`."""
+    return {**parts, "unet": UNet.from_diffusers(parts["unet"]), "vae": VAE.from_diffusers(parts["vae"]),
+            "scaling_factor": parts["vae"].config.scaling_factor}
+

@@ -130,7 +130,7 @@ def test_size_not_a_multiple_of_the_vae_factor(sd, height, width):
 
 
 def test_sd_vae_factor_is_eight():
-    class Cfg: block_out_channels = (128, 256, 512, 512)
+    class Cfg: block_out_channels, scaling_factor, in_channels = (128, 256, 512, 512), 0.18215, 4
     class Part:
         config = Cfg
         def eval(self): return self
@@ -192,3 +192,24 @@ def test_steps_must_be_a_positive_integer(sd, steps):
 def test_unknown_output_type(sd):
     with pytest.raises(ValueError, match=r"expected one of \('pil', 'pt'\)"):
         _call(sd, output_type="np")
+
+
+@pytest.mark.parametrize("scheduler", ["lms", "ddim"])
+def test_course_unet_and_vae_on_sd_weights_equal_diffusers_modules(sd, parts, scheduler):
+    "The course's own UNet and VAE (from_diffusers) in the pipeline draw what diffusers' modules draw, and diffusers' pipeline."
+    from ldm_course.pipeline import to_course_parts
+    from ldm_course.unet import UNet
+    from ldm_course.vae import VAE
+    course = ImageDiffusionModel(**to_course_parts(parts))
+    assert isinstance(course.unet, UNet) and isinstance(course.vae, VAE) and course.vae_scale_factor == 2
+    noise = _noise(2)
+    ours = _ours(course, scheduler, PROMPTS, noise, negative_prompt=["blurry", ""])
+    assert (ours - _ours(sd, scheduler, PROMPTS, noise, negative_prompt=["blurry", ""])).abs().max() <= 1e-4
+    assert (ours - _diffusers(parts, scheduler, PROMPTS, noise, negative_prompt=["blurry", ""])).abs().max() <= 1e-4
+
+
+def test_course_vae_needs_a_scaling_factor(parts):
+    from ldm_course.pipeline import to_course_parts
+    course = to_course_parts(parts)
+    course.pop("scaling_factor")
+    with pytest.raises(ValueError, match="scaling_factor"): ImageDiffusionModel(**course)
