@@ -23,20 +23,20 @@ def encoder():
     return load_text_encoder("minilm")
 
 
-@pytest.fixture(scope="module")
-def class_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cond") / "class.safetensors"
-    model, _, info = train_conditional("class", config="tiny-class", epochs=1, n_train=64, batch_size=16, cache=False,
-                                       progress=False, out=out)
+def _train_tiny(kind, tmp_path_factory):
+    "A tiny `kind` model trained for a few steps on 64 images, saved once: (model, path)."
+    out = tmp_path_factory.mktemp("cond") / f"{kind}.safetensors"
+    model, _, _ = train_conditional(kind, config=f"tiny-{kind}", epochs=1, n_train=64, batch_size=16, cache=False,
+                                    progress=False, out=out)
     return model, out
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cond") / "text.safetensors"
-    model, _, info = train_conditional("text", config="tiny-text", epochs=1, n_train=64, batch_size=16, cache=False,
-                                       progress=False, out=out)
-    return model, out
+def class_model(tmp_path_factory): return _train_tiny("class", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory): return _train_tiny("text", tmp_path_factory)
 
 
 def test_class_names_any_case_and_unknown_ones_listed():
