@@ -5,18 +5,21 @@
 # %% ../nbs/15_diffusers.ipynb #p004
 from __future__ import annotations
 
-import contextlib, json, math, string
+import contextlib, copy, json, math, string
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .schedules import NoiseSchedule
 from .unet import UNet
-from .vae import VAE
+from .vae import VAE, DiagonalGaussian
+from .conditioning import ConditionalLatentDiffusion, load_conditional
 
 # %% auto #0
-__all__ = ['SD15_SCHEDULER_CONFIG', 'SCHEDULERS', 'OUTPUT_TYPES', 'tiny_sd_parts', 'ImageDiffusionModel', 'to_course_parts']
+__all__ = ['SD15_SCHEDULER_CONFIG', 'SCHEDULERS', 'OUTPUT_TYPES', 'tiny_sd_parts', 'ImageDiffusionModel', 'to_course_parts',
+           'course_schedulers', 'course_model_parts']
 
 # %% ../nbs/15_diffusers.ipynb #p007
 #| code-fold: true
@@ -87,15 +90,31 @@ def _as_negatives(negative_prompt, n: int) -> list[str]:
                          f"or a list of {n} strings (one per prompt)")
     return negatives
 
+
+def _check_sampling(num_inference_steps, guidance_scale, output_type) -> None:
+    "The arguments that `prompt_to_img` and `img_to_img` share, checked once."
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r}; expected a finite number ≥ 0 (7.5 is SD's default)")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive integer")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+
 # %% ../nbs/15_diffusers.ipynb #p018
 class ImageDiffusionModel:
     """Text → images with Stable Diffusion's parts, in the steps of `diffusers.StableDiffusionPipeline`.
 
-    `vae` (`AutoencoderKL`), `tokenizer` (`CLIPTokenizer`), `text_encoder` (`CLIPTextModel`), `unet`
-    (`UNet2DConditionModel`, predicting ε) and two schedulers with the same noise schedule, `LMSDiscreteScheduler`
-    and `DDIMScheduler`. Call `prompt_to_img`; the other methods are its steps."""
+    `vae` (`AutoencoderKL`, or the course's `VAE` with its `scaling_factor`), `tokenizer` (`CLIPTokenizer`),
+    `text_encoder` (`CLIPTextModel`), `unet` (`UNet2DConditionModel` or the course's `UNet`, predicting ε or v as
+    the schedulers are told) and two schedulers with the same noise schedule, `LMSDiscreteScheduler` and
+    `DDIMScheduler`. `use_attention_mask`: pass the tokenizer's padding mask to the text encoder and to the UNet's
+    cross-attention (the course's text models need it; Stable Diffusion v1 uses neither). `image_size`: the side
+    the model was trained at, used when `height`/`width` are not given (default: diffusers' UNet `sample_size` ×
+    the VAE's factor, 512 for SD v1.5). Call `prompt_to_img` or `img_to_img`; the other methods are their steps."""
 
-    def __init__(self, vae, tokenizer, text_encoder, unet, scheduler_LMS, scheduler_DDIM, scaling_factor: float | None = None):
+    def __init__(self, vae, tokenizer, text_encoder, unet, scheduler_LMS, scheduler_DDIM, scaling_factor: float | None = None,
+                 use_attention_mask: bool = False, image_size: int | None = None):
         self.vae, self.tokenizer, self.text_encoder, self.unet = vae.eval(), tokenizer, text_encoder.eval(), unet.eval()
         self.schedulers = {"lms": scheduler_LMS, "ddim": scheduler_DDIM}
         course_vae = isinstance(vae, VAE)       # the course's own VAE (notebook 09) or diffusers' AutoencoderKL
@@ -103,7 +122,14 @@ class ImageDiffusionModel:
         if scaling_factor is None and course_vae:
             raise ValueError("the course's VAE carries no latent scaling factor; pass scaling_factor (SD v1: 0.18215)")
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
-        self.latent_channels = unet.in_channels if isinstance(unet, UNet) else unet.config.in_channels
+        self.image_channels = vae.cfg.in_channels if course_vae else getattr(vae.config, "in_channels", 3)
+        course_unet = isinstance(unet, UNet)
+        self.latent_channels = unet.in_channels if course_unet else unet.config.in_channels
+        # the course UNet halves the latent at each level but the last, so the latent's side must divide by 2^(levels-1)
+        self.size_multiple = self.vae_scale_factor * (2 ** (unet.levels - 1) if course_unet else 1)
+        sample_size = None if course_unet else getattr(unet.config, "sample_size", None)
+        self.image_size = image_size or (sample_size * self.vae_scale_factor if isinstance(sample_size, int) else None)
+        self.use_attention_mask = bool(use_attention_mask)
 
     @property
     def device(self) -> torch.device: return next(self.unet.parameters()).device
@@ -115,29 +141,50 @@ class ImageDiffusionModel:
         return self.schedulers[name]
 
     @torch.no_grad()
-    def get_text_embeds(self, text: str | list[str]) -> torch.Tensor:
-        "The text encoder's last hidden state: (B, L, D), L the tokenizer's `model_max_length` (77 and D = 768 for SD)."
+    def get_text_embeds(self, text: str | list[str], return_mask: bool = False):
+        """The text encoder's last hidden state: (B, L, D), L the tokenizer's `model_max_length` (77 and D = 768 for
+        SD). With `return_mask`, also the padding mask (B, L), bool, True = a token, or None without `use_attention_mask`."""
         tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(next(self.text_encoder.parameters()).device))[0]
+        device = next(self.text_encoder.parameters()).device
+        mask = tokens.attention_mask if self.use_attention_mask else None
+        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=None if mask is None else mask.to(device))[0]
+        return (embeds, None if mask is None else mask.bool().to(self.device)) if return_mask else embeds
 
-    def get_prompt_embeds(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None) -> torch.Tensor:
+    def get_prompt_embeds(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                          return_mask: bool = False):
         """The contexts for guidance: (2B, L, D), the B unconditional ones first (the empty prompt, or
-        `negative_prompt`: one string for all prompts or one per prompt), then the B prompts'."""
+        `negative_prompt`: one string for all prompts or one per prompt), then the B prompts'. With `return_mask`,
+        also their padding mask (2B, L) (None without `use_attention_mask`)."""
         prompts = _as_prompts(prompt)
         negatives = _as_negatives(negative_prompt, len(prompts))
-        return torch.cat([self.get_text_embeds(negatives), self.get_text_embeds(prompts)])
+        (eu, mu), (ec, mc) = self.get_text_embeds(negatives, True), self.get_text_embeds(prompts, True)
+        embeds, mask = torch.cat([eu, ec]), (None if mu is None else torch.cat([mu, mc]))
+        return (embeds, mask) if return_mask else embeds
 
-    def get_img_latents(self, batch_size: int = 1, height: int = 512, width: int = 512, scheduler: str = "lms",
-                        seed: int | None = None, img_latents: torch.Tensor | None = None) -> torch.Tensor:
+    def _size(self, height, width) -> tuple[int, int]:
+        "`height`, `width` (None: the model's `image_size`), checked: positive multiples of `size_multiple`."
+        if height is None or width is None:
+            if self.image_size is None:
+                raise ValueError("this model has no default image size (image_size=None); give height and width")
+            height, width = height or self.image_size, width or self.image_size
+        m = self.size_multiple
+        if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
+                and height % m == 0 and width % m == 0):
+            why = f"the VAE downsamples by {self.vae_scale_factor}"
+            if m != self.vae_scale_factor: why += f" and the UNet by {m // self.vae_scale_factor} more"
+            raise ValueError(f"height={height} and width={width} must be positive multiples of {m}: {why}"
+                             + (f" (this model was trained at {self.image_size}×{self.image_size})" if self.image_size else ""))
+        return height, width
+
+    def get_img_latents(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
+                        scheduler: str = "lms", seed: int | None = None,
+                        img_latents: torch.Tensor | None = None) -> torch.Tensor:
         """The starting latents z_T: (B, C, height/f, width/f), float32 on the UNet's device, times the scheduler's
         `init_noise_sigma`. Standard normal noise drawn on the CPU from `seed` (None: a random draw), or your
         `img_latents` of that shape, un-scaled (as `diffusers`' `latents=`). For LMS call `set_timesteps` first."""
+        height, width = self._size(height, width)
         f = self.vae_scale_factor
-        if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
-                and height % f == 0 and width % f == 0):
-            raise ValueError(f"height={height} and width={width} must be positive multiples of {f}: the VAE "
-                             f"downsamples by {f}, so the latent is height/{f} × width/{f}")
         shape = (batch_size, self.latent_channels, height // f, width // f)
         if img_latents is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -151,39 +198,55 @@ class ImageDiffusionModel:
                 raise ValueError("img_latents contains NaN or infinite values; give finite standard normal noise")
         return img_latents.to(self.device, torch.float32) * self.scheduler(scheduler).init_noise_sigma
 
-    def predict_noise(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
-        "The UNet's ε for latents (B, C, h, w) at timestep `t` with contexts `embeds` (B, L, D): a course `UNet` or diffusers'."
-        if isinstance(self.unet, UNet): return self.unet(latents, t, context=embeds)
-        return self.unet(latents, t, encoder_hidden_states=embeds).sample
+    def predict_noise(self, latents: torch.Tensor, t, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction for latents (B, C, h, w) at timestep `t` with contexts `embeds` (B, L, D) and their
+        padding `mask` (B, L) or None: a course `UNet` (`context_mask`) or diffusers' (`encoder_attention_mask`)."""
+        if isinstance(self.unet, UNet): return self.unet(latents, t, context=embeds, context_mask=mask)
+        return self.unet(latents, t, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
 
     @torch.no_grad()
     def decode_img_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        "Latents (B, C, h, w) → images (B, 3, h·f, w·f) in [0, 1], float32: undo the scaling factor, decode."
+        "Latents (B, C, h, w) → images (B, c, h·f, w·f) in [0, 1], float32: undo the scaling factor, decode."
         vae_dtype = next(self.vae.parameters()).dtype
         images = self.vae.decode((latents / self.scaling_factor).to(vae_dtype))
         images = images if isinstance(images, torch.Tensor) else images.sample   # the course VAE returns the tensor
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def transform_imgs(self, imgs: torch.Tensor) -> list[Image.Image]:
-        "Images (B, 3, H, W) in [0, 1] → B PIL images, each value ×255 and rounded to uint8 (as diffusers does)."
-        if imgs.ndim != 4:
-            raise ValueError(f"imgs has shape {tuple(imgs.shape)}; expected (B, 3, H, W) in [0, 1]")
+        """Images (B, 3, H, W) or (B, 1, H, W) in [0, 1] → B PIL images ('RGB' or grey 'L'), each value ×255 and
+        rounded to uint8 (as diffusers does)."""
+        if imgs.ndim != 4 or imgs.shape[1] not in (1, 3):
+            raise ValueError(f"imgs has shape {tuple(imgs.shape)}; expected (B, 3, H, W) or (B, 1, H, W) in [0, 1]")
         arrays = (imgs.detach().cpu().permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
-        return [Image.fromarray(a) for a in arrays]
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
     def _autocast(self):
         "Mixed precision for the UNet on CUDA; plain float elsewhere."
         if self.device.type == "cuda": return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def _denoise(self, latents, timesteps, sched, embeds, mask, guidance_scale, progress) -> torch.Tensor:
+        "The sampling loop: at each timestep one batched UNet call for both halves of `embeds`, guidance, a scheduler step."
+        if progress:
+            from fastprogress.fastprogress import progress_bar   # imported here, as in ldm_course.samplers
+            timesteps = progress_bar(timesteps, leave=False)
+        for t in timesteps:
+            latent_model_input = sched.scale_model_input(torch.cat([latents] * 2), t)
+            with self._autocast():
+                noise_pred = self.predict_noise(latent_model_input, t, embeds, mask).float()
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            latents = sched.step(noise_pred, t, latents).prev_sample
+        return latents
+
     @torch.no_grad()
-    def prompt_to_img(self, prompts: str | list[str], height: int = 512, width: int = 512,
+    def prompt_to_img(self, prompts: str | list[str], height: int | None = None, width: int | None = None,
                       num_inference_steps: int = 50, guidance_scale: float = 7.5,
                       img_latents: torch.Tensor | None = None, scheduler: str = "lms", seed: int | None = None,
                       negative_prompt: str | list[str] | None = None, output_type: str = "pil",
                       progress: bool = True) -> list[Image.Image] | torch.Tensor:
         """Draw one image per prompt: a list of PIL images, or with `output_type="pt"` a float32 CPU tensor
-        (B, 3, height, width) in [0, 1].
+        (B, c, height, width) in [0, 1]. `height`, `width`: multiples of `size_multiple` (None: `image_size`).
 
         Classifier-free guidance with scale `guidance_scale` ≥ 0 (0: unconditional, 1: conditional only) against
         the empty prompt or `negative_prompt`; `scheduler` 'lms' or 'ddim' with `num_inference_steps` steps.
@@ -192,28 +255,13 @@ class ImageDiffusionModel:
         prompts = _as_prompts(prompts)
         negatives = _as_negatives(negative_prompt, len(prompts))
         sched = self.scheduler(scheduler)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r}; expected a finite number ≥ 0 (7.5 is SD's default)")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive integer")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+        _check_sampling(num_inference_steps, guidance_scale, output_type)
+        height, width = self._size(height, width)
 
-        embeds = self.get_prompt_embeds(prompts, negatives)             # (2B, L, D): unconditional first
+        embeds, mask = self.get_prompt_embeds(prompts, negatives, return_mask=True)   # (2B, L, D): unconditional first
         sched.set_timesteps(num_inference_steps, device=self.device)
         latents = self.get_img_latents(len(prompts), height, width, scheduler, seed, img_latents)
-        timesteps = sched.timesteps
-        if progress:
-            from fastprogress.fastprogress import progress_bar   # imported here, as in ldm_course.samplers
-            timesteps = progress_bar(timesteps, leave=False)
-        for t in timesteps:
-            latent_model_input = sched.scale_model_input(torch.cat([latents] * 2), t)
-            with self._autocast():
-                noise_pred = self.predict_noise(latent_model_input, t, embeds).float()
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-            latents = sched.step(noise_pred, t, latents).prev_sample
+        latents = self._denoise(latents, sched.timesteps, sched, embeds, mask, guidance_scale, progress)
         images = self.decode_img_latents(latents)
         return images.cpu() if output_type == "pt" else self.transform_imgs(images)
 
@@ -252,3 +300,129 @@ def to_course_parts(parts: dict) -> dict:
     return {**parts, "unet": UNet.from_diffusers(parts["unet"]), "vae": VAE.from_diffusers(parts["vae"]),
             "scaling_factor": parts["vae"].config.scaling_factor}
 
+
+# %% ../nbs/15_diffusers.ipynb #q002
+def course_schedulers(schedule: NoiseSchedule, prediction_type: str = "epsilon") -> tuple:
+    """A course `NoiseSchedule` as the two `diffusers` schedulers of `ImageDiffusionModel`: `(LMSDiscreteScheduler,
+    DDIMScheduler)` with its betas and the model's `prediction_type`. DDIM as `ldm_course.samplers.sample(...,
+    'ddim')` runs it (leading timesteps, no offset, ᾱ = 1 after the last step, latents never clipped); LMS with
+    diffusers' defaults (linspace timesteps). LMS needs a finite σ_max, so a zero-terminal-SNR schedule is refused."""
+    from diffusers import DDIMScheduler, LMSDiscreteScheduler
+    if schedule.rescale_zero_terminal_snr:
+        raise ValueError("LMS works in σ = √((1-ᾱ)/ᾱ), which is infinite at the last step of a zero-terminal-SNR "
+                         "schedule; this schedule cannot drive the 'lms' scheduler")
+    kw = {k: v for k, v in schedule.to_diffusers_kwargs().items() if k != "rescale_betas_zero_snr"}
+    lms = LMSDiscreteScheduler(**kw, prediction_type=prediction_type, timestep_spacing="linspace", steps_offset=0)
+    ddim = DDIMScheduler(**schedule.to_diffusers_kwargs(), prediction_type=prediction_type, timestep_spacing="leading",
+                         steps_offset=0, set_alpha_to_one=True, clip_sample=False)
+    return lms, ddim
+
+
+def course_model_parts(model: ConditionalLatentDiffusion | str | Path, device: str | torch.device | None = None) -> dict:
+    """The keyword arguments of `ImageDiffusionModel` for a course text-to-image model: a `ConditionalLatentDiffusion`
+    with a text encoder, or the name of a shipped one (`fmnist_latent_text`) or its file.
+
+    Its VAE (with the model's latent `scale_factor` as `scaling_factor`), the tokenizer and transformer of its text
+    encoder (`max_length` tokens, the padding mask used: `use_attention_mask=True`), its UNet, `course_schedulers`
+    of its schedule, and its `image_size`. Parts move to `device` (default: where the model is)."""
+    if isinstance(model, (str, Path)): model = load_conditional(model, device or "cpu")
+    if not isinstance(model, ConditionalLatentDiffusion):
+        raise TypeError(f"expected a ConditionalLatentDiffusion or the name of a shipped one; got {type(model).__name__}")
+    if model.kind != "text":
+        raise ValueError(f"this model is class-conditional ({', '.join(model.classes)}); ImageDiffusionModel needs a "
+                         "text-conditional one, e.g. 'fmnist_latent_text' (guidance.guided_sample draws classes)")
+    if device is not None: model = model.to(device)
+    encoder = model.text_encoder                     # loads the frozen transformer and its tokenizer (offline for MiniLM)
+    tokenizer = copy.deepcopy(encoder.tokenizer)
+    tokenizer.model_max_length = encoder.max_length  # pad and truncate every prompt to the length the UNet was trained on
+    lms, ddim = course_schedulers(model.schedule, model.prediction_type)
+    return dict(vae=model.vae, tokenizer=tokenizer, text_encoder=encoder.model.to(next(model.unet.parameters()).device),
+                unet=model.unet, scheduler_LMS=lms, scheduler_DDIM=ddim, scaling_factor=model.scale_factor,
+                use_attention_mask=True, image_size=model.image_size)
+
+
+def _from_course(cls, model: ConditionalLatentDiffusion | str | Path = "fmnist_latent_text",
+                 device: str | torch.device | None = None) -> ImageDiffusionModel:
+    "An `ImageDiffusionModel` over a course text-to-image model's parts (`course_model_parts`): offline, on the CPU."
+    return cls(**course_model_parts(model, device))
+
+
+ImageDiffusionModel.from_course = classmethod(_from_course)
+
+# %% ../nbs/15_diffusers.ipynb #r002
+def _as_images(self: ImageDiffusionModel, init_images, n: int) -> torch.Tensor:
+    """`img_to_img`'s `init_images` → a float32 tensor (1 or n, c, H, W) in [-1, 1] on the UNet's device, or an error
+    that says what was expected. PIL images are converted to the VAE's mode ('L' or 'RGB')."""
+    c = self.image_channels
+    if isinstance(init_images, Image.Image): init_images = [init_images]
+    if isinstance(init_images, (list, tuple)) and init_images and all(isinstance(im, Image.Image) for im in init_images):
+        if len({im.size for im in init_images}) > 1:
+            raise ValueError(f"init_images have different sizes {sorted({im.size for im in init_images})}; give one size")
+        arrays = [np.array(im.convert("L" if c == 1 else "RGB")).astype(np.float32) / 255.0 for im in init_images]
+        init_images = torch.from_numpy(np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])).permute(0, 3, 1, 2)
+    if not isinstance(init_images, torch.Tensor):
+        raise TypeError(f"init_images must be a PIL image, a list of them, or a tensor (B, {c}, H, W) in [0, 1]; "
+                        f"got {type(init_images).__name__}")
+    x = init_images
+    if x.ndim != 4 or x.shape[1] != c:
+        raise ValueError(f"init_images has shape {tuple(x.shape)}; expected (B, {c}, H, W): the VAE encodes "
+                         f"{c}-channel images")
+    if len(x) not in (1, n):
+        raise ValueError(f"{len(x)} init images for {n} prompt(s); give one image for all prompts or one per prompt")
+    self._size(int(x.shape[2]), int(x.shape[3]))           # a multiple of size_multiple, or a clear error
+    if not x.is_floating_point() or not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise ValueError("init_images must be float values in [0, 1] (as prompt_to_img(..., output_type='pt') returns)")
+    return (2.0 * x - 1.0).to(self.device, torch.float32)
+
+
+@torch.no_grad()
+def _encode_imgs(self: ImageDiffusionModel, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (B, c, H, W) in [-1, 1] → scaled latents (B, C, H/f, W/f): a sample z = μ + σ·ε of the VAE's posterior
+    (ε drawn on the CPU from `generator`), times the scaling factor, as `diffusers`' img2img does."""
+    post = self.vae.encode(images.to(next(self.vae.parameters()).dtype))
+    post = post if isinstance(post, DiagonalGaussian) else post.latent_dist   # the course VAE, or diffusers'
+    eps = torch.randn(post.mean.shape, generator=generator).to(post.mean.device, post.mean.dtype)
+    return (self.scaling_factor * (post.mean + post.std * eps)).float()
+
+
+@torch.no_grad()
+def _img_to_img(self: ImageDiffusionModel, init_images, prompts: str | list[str], strength: float = 0.75,
+                num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "lms",
+                seed: int | None = None, negative_prompt: str | list[str] | None = None, output_type: str = "pil",
+                progress: bool = True) -> list[Image.Image] | torch.Tensor:
+    """Redraw `init_images` toward `prompts`: encode them, noise the latents to where a share `strength` ∈ (0, 1]
+    of the `num_inference_steps` is left, and run those `int(strength · num_inference_steps)` steps with guidance.
+
+    `init_images`: a PIL image, a list of them, or a tensor (B, c, H, W) in [0, 1]; one for all prompts, or one per
+    prompt; H, W multiples of `size_multiple`. `seed` draws the posterior sample, then the noise (in that order, as
+    `diffusers.StableDiffusionImg2ImgPipeline` with `generator=torch.Generator().manual_seed(seed)`). Other
+    arguments and the output as in `prompt_to_img`; strength 1 starts from pure noise (the image is forgotten)."""
+    prompts = _as_prompts(prompts)
+    negatives = _as_negatives(negative_prompt, len(prompts))
+    sched = self.scheduler(scheduler)
+    _check_sampling(num_inference_steps, guidance_scale, output_type)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength={strength!r}; expected a number in (0, 1]: the share of the denoising steps "
+                         "to run (0.3 keeps the image's layout, 1 starts from noise)")
+    n_run = min(int(num_inference_steps * strength), num_inference_steps)
+    if n_run < 1:
+        raise ValueError(f"strength={strength} × num_inference_steps={num_inference_steps} < 1: no step would run; "
+                         f"raise num_inference_steps to at least {math.ceil(1 / strength)} or strength")
+    images = self._as_images(init_images, len(prompts))
+
+    embeds, mask = self.get_prompt_embeds(prompts, negatives, return_mask=True)
+    sched.set_timesteps(num_inference_steps, device=self.device)
+    t_start = num_inference_steps - n_run                   # skip the first, noisiest steps
+    timesteps = sched.timesteps[t_start * sched.order:]
+    if hasattr(sched, "set_begin_index"): sched.set_begin_index(t_start * sched.order)   # LMS counts its steps
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    latents = self.encode_imgs(images, generator)
+    if len(latents) < len(prompts): latents = torch.cat([latents] * len(prompts))
+    noise = torch.randn(latents.shape, generator=generator).to(self.device)
+    latents = sched.add_noise(latents, noise, timesteps[:1].repeat(len(prompts)))   # z_t = √ᾱ z₀ + √(1-ᾱ) ε (LMS: z₀ + σ ε)
+    latents = self._denoise(latents, timesteps, sched, embeds, mask, guidance_scale, progress)
+    images = self.decode_img_latents(latents)
+    return images.cpu() if output_type == "pt" else self.transform_imgs(images)
+
+
+ImageDiffusionModel._as_images, ImageDiffusionModel.encode_imgs, ImageDiffusionModel.img_to_img = _as_images, _encode_imgs, _img_to_img
