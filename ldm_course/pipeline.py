@@ -174,7 +174,7 @@ class ImageDiffusionModel:
             why = f"the VAE downsamples by {self.vae_scale_factor}"
             if m != self.vae_scale_factor: why += f" and the UNet by {m // self.vae_scale_factor} more"
             raise ValueError(f"height={height} and width={width} must be positive multiples of {m}: {why}"
-                             + (f" (this model was trained at {self.image_size}×{self.image_size})" if self.image_size else ""))
+                             + (f" (its native size is {self.image_size}×{self.image_size})" if self.image_size else ""))
         return height, width
 
     def get_img_latents(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
@@ -350,8 +350,8 @@ def _from_course(cls, model: ConditionalLatentDiffusion | str | Path = "fmnist_l
 ImageDiffusionModel.from_course = classmethod(_from_course)
 
 # %% ../nbs/15_diffusers.ipynb #r002
-def _as_images(self: ImageDiffusionModel, init_images, n: int) -> torch.Tensor:
-    """`img_to_img`'s `init_images` → a float32 tensor (1 or n, c, H, W) in [-1, 1] on the UNet's device, or an error
+def _as_images(self: ImageDiffusionModel, init_images) -> torch.Tensor:
+    """`img_to_img`'s `init_images` → a float32 tensor (B, c, H, W) in [-1, 1] on the UNet's device, or an error
     that says what was expected. PIL images are converted to the VAE's mode ('L' or 'RGB')."""
     c = self.image_channels
     if isinstance(init_images, Image.Image): init_images = [init_images]
@@ -367,8 +367,6 @@ def _as_images(self: ImageDiffusionModel, init_images, n: int) -> torch.Tensor:
     if x.ndim != 4 or x.shape[1] != c:
         raise ValueError(f"init_images has shape {tuple(x.shape)}; expected (B, {c}, H, W): the VAE encodes "
                          f"{c}-channel images")
-    if len(x) not in (1, n):
-        raise ValueError(f"{len(x)} init images for {n} prompt(s); give one image for all prompts or one per prompt")
     self._size(int(x.shape[2]), int(x.shape[3]))           # a multiple of size_multiple, or a clear error
     if not x.is_floating_point() or not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise ValueError("init_images must be float values in [0, 1] (as prompt_to_img(..., output_type='pt') returns)")
@@ -393,12 +391,11 @@ def _img_to_img(self: ImageDiffusionModel, init_images, prompts: str | list[str]
     """Redraw `init_images` toward `prompts`: encode them, noise the latents to where a share `strength` ∈ (0, 1]
     of the `num_inference_steps` is left, and run those `int(strength · num_inference_steps)` steps with guidance.
 
-    `init_images`: a PIL image, a list of them, or a tensor (B, c, H, W) in [0, 1]; one for all prompts, or one per
-    prompt; H, W multiples of `size_multiple`. `seed` draws the posterior sample, then the noise (in that order, as
+    `init_images`: a PIL image, a list of them, or a tensor (B, c, H, W) in [0, 1], H and W multiples of
+    `size_multiple`; one image for all prompts, one prompt for all images, or as many of each. `seed` draws the posterior sample, then the noise (in that order, as
     `diffusers.StableDiffusionImg2ImgPipeline` with `generator=torch.Generator().manual_seed(seed)`). Other
     arguments and the output as in `prompt_to_img`; strength 1 starts from pure noise (the image is forgotten)."""
     prompts = _as_prompts(prompts)
-    negatives = _as_negatives(negative_prompt, len(prompts))
     sched = self.scheduler(scheduler)
     _check_sampling(num_inference_steps, guidance_scale, output_type)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -408,7 +405,12 @@ def _img_to_img(self: ImageDiffusionModel, init_images, prompts: str | list[str]
     if n_run < 1:
         raise ValueError(f"strength={strength} × num_inference_steps={num_inference_steps} < 1: no step would run; "
                          f"raise num_inference_steps to at least {math.ceil(1 / strength)} or strength")
-    images = self._as_images(init_images, len(prompts))
+    images = self._as_images(init_images)
+    if len(prompts) == 1: prompts = prompts * len(images)            # one prompt for every image
+    if len(images) not in (1, len(prompts)):
+        raise ValueError(f"{len(images)} init images for {len(prompts)} prompts; give one image for all prompts, "
+                         "one prompt for all images, or one of each per image")
+    negatives = _as_negatives(negative_prompt, len(prompts))
 
     embeds, mask = self.get_prompt_embeds(prompts, negatives, return_mask=True)
     sched.set_timesteps(num_inference_steps, device=self.device)

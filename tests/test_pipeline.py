@@ -254,6 +254,8 @@ def test_img_to_img_strength_and_seed_matter(sd, init_images):
     assert (weak - init_images).abs().mean() < (strong - init_images).abs().mean()   # low strength stays closer
     pil = sd.img_to_img(sd.transform_imgs(init_images), PROMPTS, strength=0.5, seed=1, num_inference_steps=4, progress=False)
     assert len(pil) == 2 and pil[0].mode == "RGB" and pil[0].size == (SIZE, SIZE)
+    one_prompt = sd.img_to_img(init_images, "a cat", strength=0.5, seed=1, **kw)         # one prompt for both images
+    torch.testing.assert_close(one_prompt, sd.img_to_img(init_images, ["a cat"] * 2, strength=0.5, seed=1, **kw))
 
 
 @pytest.mark.parametrize("scheduler", ["lms", "ddim"])
@@ -282,7 +284,7 @@ def test_img_to_img_strength_too_small_for_the_steps(sd, init_images):
     (torch.rand(2, 4, SIZE, SIZE), r"expected \(B, 3, H, W\)"),
     (torch.rand(3, SIZE, SIZE), r"expected \(B, 3, H, W\)"),
     (torch.rand(2, 3, SIZE + 1, SIZE), "multiples of 2"),
-    (torch.rand(3, 3, SIZE, SIZE), "3 init images for 2 prompt"),
+    (torch.rand(3, 3, SIZE, SIZE), "3 init images for 2 prompts; give one image for all prompts, one prompt for all images"),
     (torch.rand(2, 3, SIZE, SIZE) * 2 - 1, r"in \[0, 1\]"),
     (torch.full((2, 3, SIZE, SIZE), math.nan), r"in \[0, 1\]"),
     (torch.randint(0, 255, (2, 3, SIZE, SIZE), dtype=torch.uint8), r"float values in \[0, 1\]"),
@@ -453,7 +455,7 @@ def test_from_course_needs_a_conditional_model(sd):
 @pytest.mark.parametrize("height,width", [(20, 32), (32, 36), (4, 4), (0, 32)])
 def test_course_model_sizes_must_fit_vae_and_unet(fmnist_text, height, width):
     pipe = ImageDiffusionModel.from_course(fmnist_text[0])      # VAE f = 4, a 2-level UNet halves once more
-    with pytest.raises(ValueError, match=r"multiples of 8: the VAE downsamples by 4 and the UNet by 2 more .*32×32"):
+    with pytest.raises(ValueError, match=r"multiples of 8: the VAE downsamples by 4 and the UNet by 2 more .*native size is 32×32"):
         pipe.prompt_to_img("a bag", height=height, width=width, num_inference_steps=1, progress=False)
 
 
