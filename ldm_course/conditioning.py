@@ -108,11 +108,17 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
-        long = [p for p, n in zip(prompts, lengths) if n > self.max_length]
+        ids = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        long = [p for p, i in zip(prompts, ids) if len(i) > self.max_length]
         if long:
             warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's limit of {self.max_length} tokens were "
-                          f"truncated, e.g. {long[0][:80]!r} ({max(lengths)} tokens)", stacklevel=3)
+                          f"truncated, e.g. {long[0][:80]!r} ({max(map(len, ids))} tokens)", stacklevel=3)
+        unk, special = self.tokenizer.unk_token_id, set(self.tokenizer.all_special_ids)
+        unknown = [p for p, i in zip(prompts, ids) if p.strip() and all(t == unk for t in i if t not in special - {unk})]
+        if unk is not None and unknown:
+            warnings.warn(f"{len(unknown)} prompt(s) are made only of tokens the text encoder does not know, e.g. "
+                          f"{unknown[0][:80]!r}: the model reads them as an unknown word, not as what they show. "
+                          f"Describe the image in words", stacklevel=3)
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
         dev = next(self.model.parameters()).device
         out = self.model(input_ids=tok["input_ids"].to(dev), attention_mask=tok["attention_mask"].to(dev))
@@ -314,23 +320,29 @@ def load_conditional(name_or_path: str | Path, device: str | torch.device = "cpu
 def train_conditional(kind: str = "class", vae: str = SHIPPED_VAE, dataset: str | None = None, text_encoder: str = "minilm",
                       templates: Sequence[str] = FASHION_TEMPLATES, p_uncond: float = 0.1, config: str | dict | None = None,
                       out: str | Path | None = None, checkpoint: str | Path | None = None, resume: bool = False,
-                      overwrite: bool = False, command: str | None = None, **kwargs) -> tuple[ConditionalLatentDiffusion, object, dict]:
+                      overwrite: bool = False, command: str | None = None, captions: Sequence[Sequence[str]] | None = None,
+                      **kwargs) -> tuple[ConditionalLatentDiffusion, object, dict]:
     """Train a class- (`kind='class'`) or text-conditional (`kind='text'`: captions from `templates` × class names,
-    encoded by `text_encoder`) latent model on a labelled `dataset`, dropping conditions with probability `p_uncond`.
+    encoded by `text_encoder`) latent model on a labelled `dataset` (a name, or a `(train, test)` pair of
+    `ImageDataset`s), dropping conditions with probability `p_uncond`. `captions`: a text model's own captions per
+    label instead (`captions[k]` for label k: a captioned set whose labels index its captions, notebook 13a).
     `config` defaults to `conditional_config(kind)`; other keywords (`epochs`, `n_train`, `batch_size`, `lr`, `seed`,
     `max_steps`, `progress`, `fallback`, ...) go to `train_latent`. Returns `(model, learn, info)`; saved under `out`."""
     config = config or conditional_config(kind)
     check_checkpoint(checkpoint, resume, overwrite, out)
-    data = load_dataset(dataset, "test", fallback=kwargs.get("fallback"))   # its class names (and a clear error if missing)
+    pair = isinstance(dataset, (tuple, list))
+    data = dataset[-1] if pair else load_dataset(dataset, "test", fallback=kwargs.get("fallback"))   # (a clear error if missing)
     classes = list(data.classes)
-    if len(classes) < 2: raise ValueError(f"a conditional model needs a labelled dataset; {data.name!r} has no classes")
+    if kind == "class" and captions is not None: raise ValueError("captions are for kind='text'; a class model reads labels")
+    if len(classes) < 2 and (kind == "class" or captions is None):
+        raise ValueError(f"a conditional model needs a labelled dataset (or kind='text' with captions); {data.name!r} has no classes")
     if kind == "class":
         cb, unet_kwargs, encoder = ConditionCB(p_uncond, null_class=len(classes)), {"num_classes": len(classes)}, None
     else:
         encoder = load_text_encoder(text_encoder)
-        cb = ConditionCB(p_uncond, bank=CaptionBank(encoder, class_captions(classes, templates)))
+        cb = ConditionCB(p_uncond, bank=CaptionBank(encoder, captions if captions is not None else class_captions(classes, templates)))
         unet_kwargs = {"num_classes": None, "context_dim": encoder.dim, "attention_levels": text_attention_levels(config)}
-    call = (f"train_conditional(kind={kind!r}, vae={vae!r}, dataset={dataset!r}, p_uncond={p_uncond}" +
+    call = (f"train_conditional(kind={kind!r}, vae={vae!r}, dataset={data.name if pair else dataset!r}, p_uncond={p_uncond}" +
             (f", text_encoder={text_encoder!r}" if encoder else "") + "".join(f", {k}={v!r}" for k, v in kwargs.items()) +
             f", out={str(out) if out else None!r})")
     base, learn, info = train_latent(vae, dataset, config, class_cond=True, cbs=[cb], unet_kwargs=unet_kwargs,
@@ -348,7 +360,8 @@ def train_conditional(kind: str = "class", vae: str = SHIPPED_VAE, dataset: str 
     return model, learn, info
 
 # %% ../nbs/12_conditioning.ipynb #k036
-COURSE_CLASSIFIERS = {"fashion_mnist": "fmnist_classifier", "cifar10_catdog": "catdog_classifier"}
+COURSE_CLASSIFIERS = {"fashion_mnist": "fmnist_classifier", "cifar10_catdog": "catdog_classifier",
+                      "noto_emoji": "emoji_classifier", "noto_emoji_groups": "emoji_classifier"}   # emoji: by Unicode group (13a)
 
 
 def course_classifier(dataset: str, device: str | torch.device = "cpu") -> ResNetClassifier:

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['SCALES', 'NOTO_COMMIT', 'EMOJI_TEST_URL', 'FASHION_CLASSES', 'DIGITS', 'DATASETS', 'get_scale', 'by_scale',
-           'read_idx', 'to_float', 'to_uint8', 'ImageDataset', 'cache_dir', 'search_dirs', 'DatasetSpec',
+__all__ = ['SCALES', 'EMOJI_GROUPS', 'NOTO_COMMIT', 'EMOJI_TEST_URL', 'FASHION_CLASSES', 'DIGITS', 'DATASETS', 'get_scale',
+           'by_scale', 'read_idx', 'to_float', 'to_uint8', 'ImageDataset', 'cache_dir', 'search_dirs', 'DatasetSpec',
            'bundled_mnist', 'default_dataset', 'load_dataset', 'get_dataloaders', 'show_images']
 
 # %% ../nbs/00_data.ipynb #c007
@@ -182,7 +182,12 @@ def _torchvision_download(cls_name: str):
 
 # %% ../nbs/00_data.ipynb #c020
 #| code-fold: true
-def _read_emoji(base: Path, split: str) -> ImageDataset:
+EMOJI_GROUPS = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
+                "Activities", "Objects", "Symbols", "Flags")   # Unicode's order
+
+
+def _emoji_split(base: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
+    "The emoji of `split` (a fixed 90/10 split, the same on every machine) on white: uint8 (N, 3, 32, 32) and their rows."
     from PIL import Image
     folder = base / "noto-emoji-32"
     if not (folder / "images.zip").exists() or not (folder / "captions.jsonl").exists():
@@ -193,12 +198,21 @@ def _read_emoji(base: Path, split: str) -> ImageDataset:
     alpha = rgba[..., 3:].astype(np.float32) / 255
     rgb = (rgba[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
     images = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()
-    # a fixed 90/10 split, the same on every machine
     test = torch.zeros(len(rows), dtype=torch.bool)
     test[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[: len(rows) // 10]] = True
-    keep = test if split == "test" else ~test
-    idx = keep.nonzero().squeeze(1)
-    return ImageDataset(images[idx], captions=[rows[i]["caption"] for i in idx.tolist()], name="noto_emoji")
+    idx = (test if split == "test" else ~test).nonzero().squeeze(1)
+    return images[idx], [rows[i] for i in idx.tolist()]
+
+
+def _read_emoji(base: Path, split: str) -> ImageDataset:
+    images, rows = _emoji_split(base, split)
+    return ImageDataset(images, captions=[r["caption"] for r in rows], name="noto_emoji")
+
+
+def _read_emoji_groups(base: Path, split: str) -> ImageDataset:
+    images, rows = _emoji_split(base, split)
+    labels = torch.tensor([EMOJI_GROUPS.index(r["group"]) for r in rows])
+    return ImageDataset(images, labels, EMOJI_GROUPS, name="noto_emoji_groups")
 
 
 NOTO_COMMIT = "b3e3051a088047d19fd4d49b1c3ac42fb8c3aaf8"
@@ -315,6 +329,8 @@ DATASETS: dict[str, DatasetSpec] = {
                          _npz_loader("stl10_catsdogs", "stl10", ("cat", "dog")), _download_stl10),
     "noto_emoji": DatasetSpec("noto_emoji", "Noto Emoji, 3,512 RGB 32×32 with Unicode names as captions", (),
                               _read_emoji, _download_emoji),
+    "noto_emoji_groups": DatasetSpec("noto_emoji_groups", "the same emoji labelled by their 9 Unicode groups (no captions)",
+                                     EMOJI_GROUPS, _read_emoji_groups, _download_emoji),
 }
 
 # %% ../nbs/00_data.ipynb #c026

@@ -325,14 +325,15 @@ def latent_dataloaders(train: LatentDataset, test: LatentDataset, batch_size: in
     return train_dl, DataLoader(test, batch_size, shuffle=False, collate_fn=keep)
 
 
-def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | None = None, config: str | dict | None = None,
+def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | Sequence[ImageDataset] | None = None, config: str | dict | None = None,
                  epochs: int | None = None, n_train: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
                  ema_decay: float | None = None, schedule: NoiseSchedule | None = None, class_cond: bool = False,
                  seed: int = 0, progress: bool = True, out: str | Path | None = None, max_steps: int | None = None,
                  checkpoint: str | Path | None = None, resume: bool = False, overwrite: bool = False,
                  cache: bool | str | Path = True, command: str | None = None, fallback: bool | None = None,
                  cbs: Sequence = (), unet_kwargs: dict | None = None) -> tuple[LatentDiffusion, Learner, dict]:
-    """Train a DDPM UNet in the latent space of `vae` (a shipped name or a `VAE`) on `dataset`; sizes from `latent_recipe()`.
+    """Train a DDPM UNet in the latent space of `vae` (a shipped name or a `VAE`) on `dataset` (a registry name, None = the
+    course dataset, or a `(train, test)` pair of `ImageDataset`s); sizes from `latent_recipe()`.
 
     Encodes the data once (`encode_dataset`, cached unless `cache=False`), computes the scale factor from the
     training latents, then runs `fit_ddpm` on latents sampled afresh from their posteriors every epoch.
@@ -346,8 +347,12 @@ def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | None = None, confi
     vae = load_vae(vae) if isinstance(vae, str) else vae
     schedule = schedule or NoiseSchedule("linear")
     t0 = time.time()
-    train = encode_dataset(vae, dataset, "train", n=n_train, cache=cache, seed=seed, progress=progress, fallback=fallback)
-    test = encode_dataset(vae, dataset, "test", n=by_scale(64, 1000, None), cache=cache, seed=seed, progress=progress,
+    pair = isinstance(dataset, (tuple, list))
+    if pair and not (len(dataset) == 2 and all(isinstance(d, ImageDataset) for d in dataset)):
+        raise TypeError("dataset must be a registry name, None, or a (train, test) pair of ImageDatasets")
+    train_ds, test_ds = dataset if pair else (dataset, dataset)
+    train = encode_dataset(vae, train_ds, "train", n=n_train, cache=cache, seed=seed, progress=progress, fallback=fallback)
+    test = encode_dataset(vae, test_ds, "test", n=by_scale(64, 1000, None), cache=cache, seed=seed, progress=progress,
                           fallback=fallback)
     encode_s = time.time() - t0
     train.scale_factor = test.scale_factor = scale = latent_scale_factor(train, seed=seed)
@@ -359,7 +364,7 @@ def train_latent(vae: str | VAE = SHIPPED_VAE, dataset: str | None = None, confi
     torch.manual_seed(seed)
     unet = UNet(**cfg)
     train_dl, valid_dl = latent_dataloaders(train, test, batch_size, seed)
-    args = dict(vae=vae_name or "custom", dataset=dataset, config=config, epochs=epochs, n_train=n_train,
+    args = dict(vae=vae_name or "custom", dataset=train.name if pair else dataset, config=config, epochs=epochs, n_train=n_train,
                 batch_size=batch_size, lr=lr, ema_decay=ema_decay, class_cond=class_cond, seed=seed)
     ema_unet, learn, metrics = fit_ddpm(unet, train_dl, valid_dl, schedule, epochs, lr=lr, ema_decay=ema_decay,
                                         class_cond=class_cond, max_steps=max_steps, checkpoint=checkpoint, resume=resume,

@@ -56,7 +56,7 @@ def test_env_data_dir(tmp_path, no_data, monkeypatch):
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match="known datasets: fashion_mnist, mnist, cifar10, cifar10_catdog, stl10, noto_emoji"):
+    with pytest.raises(ValueError, match="known datasets: fashion_mnist, mnist, cifar10, cifar10_catdog, stl10, noto_emoji, noto_emoji_groups"):
         data.load_dataset("imagenet")
 
 
