@@ -158,8 +158,35 @@ def _generate_conditional(args) -> dict:
                                 args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif, each=args.each)
 
 
+def _generate_from_image(args) -> dict:
+    from ldm_course.ddpm import _resolve_weights
+    from ldm_course.files import Pretrained
+    from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS
+    from ldm_course.samplers import check_grid_n
+    from ldm_course.resnet_decoder import SHIPPED_RESNET_DECODER, load_image, load_resnet_decoder, write_decodings
+    if args.class_name is not None or args.prompt is not None:
+        raise ValueError("--from-image decodes an image; give it without --class-name or --prompt")
+    if args.negative_prompt is not None: raise ValueError("--negative-prompt is for class and text models, not --from-image")
+    if args.no_clip: raise ValueError("--no-clip is for pixel DDPMs, not --from-image")
+    args.weights = args.weights or SHIPPED_RESNET_DECODER
+    weights = _resolve_weights(args.weights)
+    kind = Pretrained.read_info(weights).get("class")
+    if kind != "ResNetDiffusionVAE":
+        raise ValueError(f"{args.weights} holds a {kind}; --from-image needs a ResNet-decoder model such as {SHIPPED_RESNET_DECODER}")
+    args.sampler, args.steps = args.sampler or LATENT_SAMPLER, args.steps if args.steps is not None else LATENT_STEPS
+    _positive(args, "n", "steps")
+    check_grid_n(args.n, name="--n")
+    _check_seed(args.seed)
+    model = load_resnet_decoder(weights)
+    load_image(args.from_image, model.image_channels, model.image_size)   # a bad image fails before the output folder is made
+    _writable_dir(args.out, ("decodings.png",))
+    res = write_decodings(args.from_image, model, args.n, args.steps, args.guidance, args.seed, args.sampler, args.out, args.each)
+    return {**res, "weights": args.weights}
+
+
 def _generate(args) -> dict:
     from ldm_course.ddpm import SHIPPED_DDPM, _resolve_weights
+    if args.from_image is not None: return _generate_from_image(args)
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS, generate_latent
     from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_grid_n, generate
     if args.class_name is not None and args.prompt is not None: raise ValueError("give --class-name or --prompt, not both")
@@ -259,8 +286,31 @@ def _train_conditional(args, kind: str) -> dict:
     return {"weights": str(run["out"]), **summary, "best_scale": best["scale"], "accuracy": best["accuracy"], "fid": best["fid"]}
 
 
+def _train_resnet_decoder(args) -> dict:
+    from ldm_course.files import Pretrained, save_json
+    from ldm_course.guidance import best_guidance
+    from ldm_course.resnet_decoder import comparison_table, evaluate_resnet_decoder, resnet_guidance_sweep, train_resnet_decoder
+    run = _run_args(args, "resnet_decoder")
+    model, _, info = train_resnet_decoder(space=args.space or "latent", encoder=args.encoder or "course",
+                                          vae=args.vae or "fmnist_vae", **run)
+    rows = resnet_guidance_sweep(model)
+    best = best_guidance(rows, next(r["fid"] for r in rows if r["scale"] == 1.0))   # FID no worse than unguided
+    model.info["guidance"] = {"best_scale": best["scale"]}
+    ev = evaluate_resnet_decoder(model, n_prior=args.fid_n)
+    print(comparison_table(ev), file=sys.stderr)
+    meta = Pretrained.read_info(run["out"])
+    meta["guidance"] = {"best_scale": best["scale"], "sweep": rows, "command": f"{args.command_line} (sweep after training)"}
+    meta["eval"] = {k: v for k, v in ev.items() if k != "images"}
+    save_json(meta, run["out"].with_suffix(".json"))
+    summary = {k: info[k] for k in ("dataset", "space", "encoder", "params", "epochs", "steps", "seconds", "hardware")}
+    return {"weights": str(run["out"]), **summary, "best_scale": best["scale"], "agreement": ev["decoder"]["agreement"],
+            "fid_vs_inputs": ev["decoder"]["fid"], "prior_fid": ev["prior"]["fid"], "vae_agreement": ev["vae"]["agreement"],
+            "vae_fid_vs_inputs": ev["vae"]["fid"]}
+
+
 TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier,
-         "latent-class": lambda args: _train_conditional(args, "class"), "latent-text": lambda args: _train_conditional(args, "text")}
+         "latent-class": lambda args: _train_conditional(args, "class"), "latent-text": lambda args: _train_conditional(args, "text"),
+         "resnet-decoder": _train_resnet_decoder}
 
 
 def _train(args) -> dict:
@@ -359,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ldm_course.ddpm import SHIPPED_DDPM
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS
     from ldm_course.samplers import DEFAULT_RUNS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    from ldm_course.resnet_decoder import IMAGE_ENCODERS, SPACES
     p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
     p.add_argument("--scale", choices=SCALES, help="override $LDM_COURSE_SCALE")
     p.add_argument("--threads", type=int, default=None,
@@ -377,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale ≥ 0 (0 unconditional, 1 conditional; default: the model's recorded best)")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from: a prompt (text models) or a class (class models)")
+    g.add_argument("--from-image", default=None, metavar="PATH",
+                   help="decode new variants of this image (PNG, JPEG, ...) with a ResNet-decoder model (default weights fmnist_resnet_decoder)")
     g.add_argument("--each", action="store_true", help="also write every image as its own PNG (000.png, 001.png, ...) in --out")
     g.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help=f"default {DEFAULT_SAMPLER} (pixel models), {LATENT_SAMPLER} (latent models)")
@@ -400,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
     t.add_argument("--augment", action="store_true", help="classifier: random flips and shifts while training (photos)")
-    t.add_argument("--vae", default=None, help="latent-class, latent-text: the shipped VAE or a file (default fmnist_vae)")
+    t.add_argument("--vae", default=None, help="latent-class, latent-text, resnet-decoder: the shipped VAE or a file (default fmnist_vae)")
+    t.add_argument("--space", default=None, choices=SPACES, help="resnet-decoder: where the decoder denoises (default latent)")
+    t.add_argument("--encoder", default=None, choices=IMAGE_ENCODERS,
+                   help="resnet-decoder: the image encoder (default course: the course's classifier; resnet18/34/50 download ImageNet weights)")
     t.add_argument("--allow-fallback", action="store_true",
                    help="train on the bundled MNIST digits when --dataset is not available (without --dataset: always)")
     t.set_defaults(func=_train)
