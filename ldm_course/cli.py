@@ -178,9 +178,9 @@ def _generate_from_image(args) -> dict:
     check_grid_n(args.n, name="--n")
     _check_seed(args.seed)
     model = load_resnet_decoder(weights)
-    load_image(args.from_image, model.image_channels, model.image_size)   # a bad image fails before the output folder is made
+    load_image(args.from_image, model.image_channels, model.image_size, args.resize)   # a bad image fails before the output folder is made
     _writable_dir(args.out, ("decodings.png",))
-    res = write_decodings(args.from_image, model, args.n, args.steps, args.guidance, args.seed, args.sampler, args.out, args.each)
+    res = write_decodings(args.from_image, model, args.n, args.steps, args.guidance, args.seed, args.sampler, args.out, args.each, args.resize)
     return {**res, "weights": args.weights}
 
 
@@ -430,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None, help="what to steer away from: a prompt (text models) or a class (class models)")
     g.add_argument("--from-image", default=None, metavar="PATH",
                    help="decode new variants of this image (PNG, JPEG, ...) with a ResNet-decoder model (default weights fmnist_resnet_decoder)")
+    g.add_argument("--resize", action="store_true", help="with --from-image: resize an image of another size to the model's")
     g.add_argument("--each", action="store_true", help="also write every image as its own PNG (000.png, 001.png, ...) in --out")
     g.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help=f"default {DEFAULT_SAMPLER} (pixel models), {LATENT_SAMPLER} (latent models)")
