@@ -286,26 +286,30 @@ def _train_conditional(args, kind: str) -> dict:
     return {"weights": str(run["out"]), **summary, "best_scale": best["scale"], "accuracy": best["accuracy"], "fid": best["fid"]}
 
 
-def _train_resnet_decoder(args) -> dict:
-    from ldm_course.files import Pretrained, save_json
-    from ldm_course.guidance import best_guidance
-    from ldm_course.resnet_decoder import comparison_table, evaluate_resnet_decoder, resnet_guidance_sweep, train_resnet_decoder
-    run = _run_args(args, "resnet_decoder")
-    model, _, info = train_resnet_decoder(space=args.space or "latent", encoder=args.encoder or "course",
-                                          vae=args.vae or "fmnist_vae", **run)
-    rows = resnet_guidance_sweep(model)
-    best = best_guidance(rows, next(r["fid"] for r in rows if r["scale"] == 1.0))   # FID no worse than unguided
-    model.info["guidance"] = {"best_scale": best["scale"]}
-    ev = evaluate_resnet_decoder(model, n_prior=args.fid_n)
+def _resnet_summary(ev: dict) -> dict:
+    from ldm_course.resnet_decoder import comparison_table
     print(comparison_table(ev), file=sys.stderr)
-    meta = Pretrained.read_info(run["out"])
-    meta["guidance"] = {"best_scale": best["scale"], "sweep": rows, "command": f"{args.command_line} (sweep after training)"}
-    meta["eval"] = {k: v for k, v in ev.items() if k != "images"}
-    save_json(meta, run["out"].with_suffix(".json"))
+    return {"best_scale": ev["best_scale"], "agreement": ev["decoder"]["agreement"], "fid_vs_inputs": ev["decoder"]["fid"],
+            "prior_fid": ev["prior"]["fid"], "vae_agreement": ev["vae"]["agreement"], "vae_fid_vs_inputs": ev["vae"]["fid"]}
+
+
+def _train_resnet_decoder(args) -> dict:
+    from ldm_course.resnet_decoder import record_resnet_decoder, train_resnet_decoder
+    run = _run_args(args, "resnet_decoder")
+    _, _, info = train_resnet_decoder(space=args.space or "latent", encoder=args.encoder or "course",
+                                      vae=args.vae or "fmnist_vae", **run)
+    ev = record_resnet_decoder(run["out"], n_prior=args.fid_n, command=f"{args.command_line} (sweep after training)", force=True)
     summary = {k: info[k] for k in ("dataset", "space", "encoder", "params", "epochs", "steps", "seconds", "hardware")}
-    return {"weights": str(run["out"]), **summary, "best_scale": best["scale"], "agreement": ev["decoder"]["agreement"],
-            "fid_vs_inputs": ev["decoder"]["fid"], "prior_fid": ev["prior"]["fid"], "vae_agreement": ev["vae"]["agreement"],
-            "vae_fid_vs_inputs": ev["vae"]["fid"]}
+    return {"weights": str(run["out"]), **summary, **_resnet_summary(ev)}
+
+
+def _eval_resnet_decoder(args) -> dict:
+    from ldm_course.resnet_decoder import RESNET_GUIDANCE_SCALES, SHIPPED_RESNET_DECODER, record_resnet_decoder
+    weights = args.weights or SHIPPED_RESNET_DECODER
+    _positive(args, "n")
+    scales = [float(s) for s in args.scales.split(",")] if args.scales else RESNET_GUIDANCE_SCALES
+    ev = record_resnet_decoder(weights, scales, n_prior=args.n, command=args.command_line, record=args.record, force=args.force)
+    return {"weights": weights, **_resnet_summary(ev)}
 
 
 TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier,
@@ -344,6 +348,7 @@ def _eval(args) -> dict:
     from ldm_course.files import save_json
     from ldm_course.ddpm import SHIPPED_DDPM
     if args.what == "guidance": return _eval_guidance(args)
+    if args.what == "resnet-decoder": return _eval_resnet_decoder(args)
     args.weights = args.weights or SHIPPED_DDPM
     from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation, record_path
     _positive(args, "n")
@@ -462,15 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the bundled MNIST digits when --dataset is not available (without --dataset: always)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a trained model")
-    e.add_argument("what", choices=["samplers", "guidance"],
-                   help="samplers: the FID/KID table of sampler × steps; guidance: FID and conditional accuracy per guidance scale")
+    e.add_argument("what", choices=["samplers", "guidance", "resnet-decoder"],
+                   help="samplers: the FID/KID table of sampler × steps; guidance: FID and conditional accuracy per guidance scale; "
+                        "resnet-decoder: guidance sweep, class agreement and FIDs of a ResNet-decoder model against the VAE")
     e.add_argument("--weights", default=None, help=f"default {SHIPPED_DDPM} (samplers), fmnist_latent_class (guidance)")
     e.add_argument("--scales", default=None, help="guidance: comma-separated scales (default 0,1,1.5,2,3,5,7.5)")
     e.add_argument("--max-fid", type=float, default=None,
                    help="guidance: the best scale must have FID ≤ this (default: the FID at scale 1, no guidance)")
     e.add_argument("--runs", default=None, help="sampler:steps,... (default: " +
                    ",".join(f"{a}:{b}" for a, b in DEFAULT_RUNS) + ")")
-    e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000)")
+    e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000; resnet-decoder: prior samples, 32 / 1000 / 5000)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image x̂0 to [-1, 1]")
     e.add_argument("--json", default=None, help="also write the result here")

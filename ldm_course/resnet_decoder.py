@@ -5,7 +5,7 @@
 # %% ../nbs/14_resnet_decoder.ipynb #r004
 from __future__ import annotations
 
-import math, time, warnings
+import json, math, time, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +20,7 @@ from .learner import Callback, check_checkpoint
 from .schedules import NoiseSchedule
 from .unet import UNet, count_params, unet_config
 from .ddpm import _check_prediction_type, _resolve_weights, _sidecar_schedule, fit_ddpm, recipe_sizes, write_png
-from .samplers import sample
+from .samplers import record_path, sample
 from .metrics import FIDScorer, ResNetClassifier
 from .vae import SHIPPED_VAE, VAE, load_vae
 from .latent import (LATENT_SAMPLER, LATENT_STEPS, LatentDataset, encode_dataset, latent_dataloaders,
@@ -30,12 +30,13 @@ from .guidance import DEFAULT_GUIDANCE, best_guidance, cfg_denoiser, check_guida
 
 # %% auto #0
 __all__ = ['IMAGE_MODES', 'TORCHVISION_ENCODERS', 'IMAGE_ENCODERS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SD_UNET_ID',
-           'SHIPPED_RESNET_DECODER', 'SPACES', 'match_channels', 'load_image', 'check_encoder_name', 'ImageEncoder',
-           'load_image_encoder', 'ContextAdapter', 'DiffusersDecoder', 'tiny_diffusers_config', 'load_sd_unet',
-           'ResNetDiffusionVAE', 'load_resnet_decoder', 'resnet_guidance', 'generate_from_resnet', 'interpolate',
-           'sample_prior', 'resnet_decoder_recipe', 'ResNetConditionCB', 'encoder_features', 'train_resnet_decoder',
-           'laplacian_sharpness', 'pairwise_distance', 'evaluate_resnet_decoder', 'comparison_table',
-           'resnet_guidance_sweep', 'write_decodings']
+           'SHIPPED_RESNET_DECODER', 'SPACES', 'RESNET_GUIDANCE_SCALES', 'match_channels', 'load_image',
+           'check_encoder_name', 'ImageEncoder', 'load_image_encoder', 'ContextAdapter', 'DiffusersDecoder',
+           'tiny_diffusers_config', 'load_sd_unet', 'ResNetDiffusionVAE', 'load_resnet_decoder', 'resnet_guidance',
+           'generate_from_resnet', 'interpolate', 'sample_prior', 'resnet_decoder_recipe', 'ResNetConditionCB',
+           'encoder_features', 'train_resnet_decoder', 'laplacian_sharpness', 'pairwise_distance',
+           'evaluate_resnet_decoder', 'comparison_table', 'resnet_guidance_sweep', 'record_resnet_decoder',
+           'write_decodings']
 
 # %% ../nbs/14_resnet_decoder.ipynb #r008
 IMAGE_MODES = {"1": "L", "L": "L", "LA": "LA", "P": "RGBA", "RGB": "RGB", "RGBA": "RGBA"}   # PIL mode → what we read
@@ -818,8 +819,11 @@ def comparison_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+RESNET_GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5)   # the sweep that picks a model's default scale
+
+
 @torch.no_grad()
-def resnet_guidance_sweep(model: ResNetDiffusionVAE | str | Path = SHIPPED_RESNET_DECODER, scales: Sequence[float] = (1.0, 2.0, 3.0),
+def resnet_guidance_sweep(model: ResNetDiffusionVAE | str | Path = SHIPPED_RESNET_DECODER, scales: Sequence[float] = RESNET_GUIDANCE_SCALES,
                           n: int | None = None, num_steps: int = LATENT_STEPS, sampler: str = LATENT_SAMPLER, seed: int = 0) -> list[dict]:
     """Class agreement and FID (against the inputs) of `n` test images' decodings (default 32 / 300 / 1,000) at
     every guidance scale, from the same noise: rows `{'scale', 'accuracy' (= agreement), 'fid'}` for `best_guidance`."""
@@ -835,6 +839,26 @@ def resnet_guidance_sweep(model: ResNetDiffusionVAE | str | Path = SHIPPED_RESNE
         dec = torch.cat([model.decode(m, num_steps, check_guidance(s), sampler, generator=gen).cpu() for m in mu.split(250)])
         rows.append({"scale": float(s), "accuracy": (_labels(clf, dec) == y_in).float().mean().item(), "fid": scorer.fid(dec), "n": n})
     return rows
+
+
+def record_resnet_decoder(weights: str | Path = SHIPPED_RESNET_DECODER, scales: Sequence[float] = RESNET_GUIDANCE_SCALES,
+                          n_prior: int | None = None, command: str | None = None, record: bool = True, force: bool = False) -> dict:
+    """Sweep the guidance scale (`resnet_guidance_sweep`), take the best (`best_guidance`: the highest class agreement
+    whose FID against the inputs is no worse than at s = 1), evaluate the model there (`evaluate_resnet_decoder`)
+    and, with `record`, write both into the JSON beside `weights` (the package's own only with `force`, as
+    `samplers.record_path`), where `generate_from_resnet` finds the scale. Returns the evaluation (no images) and the sweep."""
+    json_path = record_path(weights, force) if record else None   # refused before the work, not after it
+    model = load_resnet_decoder(weights)
+    rows = resnet_guidance_sweep(model, scales)
+    best = best_guidance(rows, next((r["fid"] for r in rows if r["scale"] == 1.0), None))
+    model.info["guidance"] = {"best_scale": best["scale"]}
+    ev = {k: v for k, v in evaluate_resnet_decoder(model, n_prior=n_prior).items() if k != "images"}
+    if record:
+        info = json.loads(json_path.read_text(encoding="utf-8"))
+        info["guidance"] = {"best_scale": best["scale"], "sweep": rows, "command": command}
+        info["eval"] = {**ev, "command": command}
+        save_json(info, json_path)
+    return {**ev, "sweep": rows, "best_scale": best["scale"]}
 
 # %% ../nbs/14_resnet_decoder.ipynb #r049
 def write_decodings(image, weights: ResNetDiffusionVAE | str | Path = SHIPPED_RESNET_DECODER, n: int = 16,

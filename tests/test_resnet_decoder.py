@@ -233,3 +233,16 @@ def test_write_decodings_in_python(tiny, tmp_path, images):
     model, _ = tiny
     res = write_decodings(images[1], model, n=2, num_steps=2, out=tmp_path)
     assert (tmp_path / "decodings.png").is_file() and res["n"] == 2
+
+
+def test_eval_cli_records_the_sweep_and_refuses_package_weights(tiny, tmp_path):
+    import shutil
+    _, path = tiny
+    w = tmp_path / "copy.safetensors"
+    shutil.copy(path, w); shutil.copy(path.with_suffix(".json"), w.with_suffix(".json"))
+    res = run(["eval", "resnet-decoder", "--weights", str(w), "--scales", "1,2", "--n", "8", "--record"])
+    info = json.loads(w.with_suffix(".json").read_text())
+    assert res["best_scale"] == info["guidance"]["best_scale"] in (1.0, 2.0) and info["eval"]["prior"]["n"] == 8
+    assert [r["scale"] for r in info["guidance"]["sweep"]] == [1.0, 2.0] and "eval resnet-decoder" in info["guidance"]["command"]
+    assert load_resnet_decoder(w).info["guidance"]["best_scale"] == res["best_scale"]
+    assert "belongs to the installed package" in _cli_error(["eval", "resnet-decoder", "--record"])
