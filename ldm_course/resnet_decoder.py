@@ -794,7 +794,8 @@ def evaluate_resnet_decoder(model: ResNetDiffusionVAE | str | Path = SHIPPED_RES
         post = v.encode(x.to(model.device))
         rec = torch.cat([v.decode(b).clamp(-1, 1).cpu() for b in post.mode().split(batch_size)])
         pd = v.encode(xd.to(model.device))
-        draws = torch.stack([v.decode(pd.sample(gen)).clamp(-1, 1).cpu() for _ in range(k)], 1)
+        noise = lambda: torch.randn(pd.mean.shape, generator=gen).to(pd.mean.device)   # a CPU generator on any device
+        draws = torch.stack([v.decode(pd.mean + pd.std * noise()).clamp(-1, 1).cpu() for _ in range(k)], 1)
         res["vae"] = {**row(rec, pairwise_distance(draws)), "name": vae if isinstance(vae, str) else "custom"}
         images["vae"] = rec
     t0 = time.time()
