@@ -158,8 +158,35 @@ def _generate_conditional(args) -> dict:
                                 args.sampler, args.steps, args.n, args.seed, args.out, gif=not args.no_gif, each=args.each)
 
 
+def _generate_from_image(args) -> dict:
+    from ldm_course.ddpm import _resolve_weights
+    from ldm_course.files import Pretrained
+    from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS
+    from ldm_course.samplers import check_grid_n
+    from ldm_course.resnet_decoder import SHIPPED_RESNET_DECODER, load_image, load_resnet_decoder, write_decodings
+    if args.class_name is not None or args.prompt is not None:
+        raise ValueError("--from-image decodes an image; give it without --class-name or --prompt")
+    if args.negative_prompt is not None: raise ValueError("--negative-prompt is for class and text models, not --from-image")
+    if args.no_clip: raise ValueError("--no-clip is for pixel DDPMs, not --from-image")
+    args.weights = args.weights or SHIPPED_RESNET_DECODER
+    weights = _resolve_weights(args.weights)
+    kind = Pretrained.read_info(weights).get("class")
+    if kind != "ResNetDiffusionVAE":
+        raise ValueError(f"{args.weights} holds a {kind}; --from-image needs a ResNet-decoder model such as {SHIPPED_RESNET_DECODER}")
+    args.sampler, args.steps = args.sampler or LATENT_SAMPLER, args.steps if args.steps is not None else LATENT_STEPS
+    _positive(args, "n", "steps")
+    check_grid_n(args.n, name="--n")
+    _check_seed(args.seed)
+    model = load_resnet_decoder(weights)
+    load_image(args.from_image, model.image_channels, model.image_size, args.resize)   # a bad image fails before the output folder is made
+    _writable_dir(args.out, ("decodings.png",))
+    res = write_decodings(args.from_image, model, args.n, args.steps, args.guidance, args.seed, args.sampler, args.out, args.each, args.resize)
+    return {**res, "weights": args.weights}
+
+
 def _generate(args) -> dict:
     from ldm_course.ddpm import SHIPPED_DDPM, _resolve_weights
+    if args.from_image is not None: return _generate_from_image(args)
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS, generate_latent
     from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_grid_n, generate
     if args.class_name is not None and args.prompt is not None: raise ValueError("give --class-name or --prompt, not both")
@@ -259,8 +286,35 @@ def _train_conditional(args, kind: str) -> dict:
     return {"weights": str(run["out"]), **summary, "best_scale": best["scale"], "accuracy": best["accuracy"], "fid": best["fid"]}
 
 
+def _resnet_summary(ev: dict) -> dict:
+    from ldm_course.resnet_decoder import comparison_table
+    print(comparison_table(ev), file=sys.stderr)
+    return {"best_scale": ev["best_scale"], "agreement": ev["decoder"]["agreement"], "fid_vs_inputs": ev["decoder"]["fid"],
+            "prior_fid": ev["prior"]["fid"], "vae_agreement": ev["vae"]["agreement"], "vae_fid_vs_inputs": ev["vae"]["fid"]}
+
+
+def _train_resnet_decoder(args) -> dict:
+    from ldm_course.resnet_decoder import record_resnet_decoder, train_resnet_decoder
+    run = _run_args(args, "resnet_decoder")
+    _, _, info = train_resnet_decoder(space=args.space or "latent", encoder=args.encoder or "course",
+                                      vae=args.vae or "fmnist_vae", **run)
+    ev = record_resnet_decoder(run["out"], n_prior=args.fid_n, command=f"{args.command_line} (sweep after training)", force=True)
+    summary = {k: info[k] for k in ("dataset", "space", "encoder", "params", "epochs", "steps", "seconds", "hardware")}
+    return {"weights": str(run["out"]), **summary, **_resnet_summary(ev)}
+
+
+def _eval_resnet_decoder(args) -> dict:
+    from ldm_course.resnet_decoder import RESNET_GUIDANCE_SCALES, SHIPPED_RESNET_DECODER, record_resnet_decoder
+    weights = args.weights or SHIPPED_RESNET_DECODER
+    _positive(args, "n")
+    scales = [float(s) for s in args.scales.split(",")] if args.scales else RESNET_GUIDANCE_SCALES
+    ev = record_resnet_decoder(weights, scales, n_prior=args.n, command=args.command_line, record=args.record, force=args.force)
+    return {"weights": weights, **_resnet_summary(ev)}
+
+
 TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier,
-         "latent-class": lambda args: _train_conditional(args, "class"), "latent-text": lambda args: _train_conditional(args, "text")}
+         "latent-class": lambda args: _train_conditional(args, "class"), "latent-text": lambda args: _train_conditional(args, "text"),
+         "resnet-decoder": _train_resnet_decoder}
 
 
 def _train(args) -> dict:
@@ -294,6 +348,7 @@ def _eval(args) -> dict:
     from ldm_course.files import save_json
     from ldm_course.ddpm import SHIPPED_DDPM
     if args.what == "guidance": return _eval_guidance(args)
+    if args.what == "resnet-decoder": return _eval_resnet_decoder(args)
     args.weights = args.weights or SHIPPED_DDPM
     from ldm_course.samplers import evaluate_samplers, plot_quality, quality_table, record_evaluation, record_path
     _positive(args, "n")
@@ -359,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ldm_course.ddpm import SHIPPED_DDPM
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS
     from ldm_course.samplers import DEFAULT_RUNS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    from ldm_course.resnet_decoder import IMAGE_ENCODERS, SPACES
     p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
     p.add_argument("--scale", choices=SCALES, help="override $LDM_COURSE_SCALE")
     p.add_argument("--threads", type=int, default=None,
@@ -377,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale ≥ 0 (0 unconditional, 1 conditional; default: the model's recorded best)")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from: a prompt (text models) or a class (class models)")
+    g.add_argument("--from-image", default=None, metavar="PATH",
+                   help="decode new variants of this image (PNG, JPEG, ...) with a ResNet-decoder model (default weights fmnist_resnet_decoder)")
+    g.add_argument("--resize", action="store_true", help="with --from-image: resize an image of another size to the model's")
     g.add_argument("--each", action="store_true", help="also write every image as its own PNG (000.png, 001.png, ...) in --out")
     g.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help=f"default {DEFAULT_SAMPLER} (pixel models), {LATENT_SAMPLER} (latent models)")
@@ -400,20 +459,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
     t.add_argument("--augment", action="store_true", help="classifier: random flips and shifts while training (photos)")
-    t.add_argument("--vae", default=None, help="latent-class, latent-text: the shipped VAE or a file (default fmnist_vae)")
+    t.add_argument("--vae", default=None, help="latent-class, latent-text, resnet-decoder: the shipped VAE or a file (default fmnist_vae)")
+    t.add_argument("--space", default=None, choices=SPACES, help="resnet-decoder: where the decoder denoises (default latent)")
+    t.add_argument("--encoder", default=None, choices=IMAGE_ENCODERS,
+                   help="resnet-decoder: the image encoder (default course: the course's classifier; resnet18/34/50 download ImageNet weights)")
     t.add_argument("--allow-fallback", action="store_true",
                    help="train on the bundled MNIST digits when --dataset is not available (without --dataset: always)")
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a trained model")
-    e.add_argument("what", choices=["samplers", "guidance"],
-                   help="samplers: the FID/KID table of sampler × steps; guidance: FID and conditional accuracy per guidance scale")
+    e.add_argument("what", choices=["samplers", "guidance", "resnet-decoder"],
+                   help="samplers: the FID/KID table of sampler × steps; guidance: FID and conditional accuracy per guidance scale; "
+                        "resnet-decoder: guidance sweep, class agreement and FIDs of a ResNet-decoder model against the VAE")
     e.add_argument("--weights", default=None, help=f"default {SHIPPED_DDPM} (samplers), fmnist_latent_class (guidance)")
     e.add_argument("--scales", default=None, help="guidance: comma-separated scales (default 0,1,1.5,2,3,5,7.5)")
     e.add_argument("--max-fid", type=float, default=None,
                    help="guidance: the best scale must have FID ≤ this (default: the FID at scale 1, no guidance)")
     e.add_argument("--runs", default=None, help="sampler:steps,... (default: " +
                    ",".join(f"{a}:{b}" for a, b in DEFAULT_RUNS) + ")")
-    e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000)")
+    e.add_argument("--n", type=int, default=None, help="samples per run (default by scale: 32 / 500 / 5000; resnet-decoder: prior samples, 32 / 1000 / 5000)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image x̂0 to [-1, 1]")
     e.add_argument("--json", default=None, help="also write the result here")
