@@ -312,9 +312,21 @@ def _eval_resnet_decoder(args) -> dict:
     return {"weights": weights, **_resnet_summary(ev)}
 
 
+def _train_text2image(args) -> dict:
+    from ldm_course.files import Pretrained, save_json
+    from ldm_course.text2image import evaluate_text2image, train_text2image
+    run = _run_args(args, "text2image")
+    model, _, info = train_text2image(dataset=run.pop("dataset") or "noto_emoji", vae=args.vae or "emoji_vae", **run)
+    ev = evaluate_text2image(model)
+    save_json({**Pretrained.read_info(run["out"]), "eval": ev}, run["out"].with_suffix(".json"))   # the measures travel with the weights
+    summary = {k: info[k] for k in ("dataset", "vae", "params", "epochs", "steps", "seconds", "hardware")}
+    return {"weights": str(run["out"]), **summary, "fid": ev["fid"], "colour": ev["colour"]["mean"],
+            "near_copies": ev["memorisation"]["near_copies"]}
+
+
 TRAIN = {"ddpm": _train_ddpm, "vae": _train_vae, "latent": _train_latent, "classifier": _train_classifier,
          "latent-class": lambda args: _train_conditional(args, "class"), "latent-text": lambda args: _train_conditional(args, "text"),
-         "resnet-decoder": _train_resnet_decoder}
+         "resnet-decoder": _train_resnet_decoder, "text2image": _train_text2image}
 
 
 def _train(args) -> dict:
@@ -459,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
     t.add_argument("--augment", action="store_true", help="classifier: random flips and shifts while training (photos)")
-    t.add_argument("--vae", default=None, help="latent-class, latent-text, resnet-decoder: the shipped VAE or a file (default fmnist_vae)")
+    t.add_argument("--vae", default=None, help="latent-class, latent-text, resnet-decoder, text2image: the shipped VAE or a "
+                                                "file (default fmnist_vae; text2image: emoji_vae)")
     t.add_argument("--space", default=None, choices=SPACES, help="resnet-decoder: where the decoder denoises (default latent)")
     t.add_argument("--encoder", default=None, choices=IMAGE_ENCODERS,
                    help="resnet-decoder: the image encoder (default course: the course's classifier; resnet18/34/50 download ImageNet weights)")
