@@ -5,7 +5,7 @@
 # %% ../nbs/17_cli.ipynb #c004
 from __future__ import annotations
 
-import argparse, json, os, sys, time
+import argparse, json, math, os, sys, time
 from pathlib import Path
 
 import ldm_course
@@ -296,6 +296,7 @@ def _resnet_summary(ev: dict) -> dict:
 def _train_resnet_decoder(args) -> dict:
     from ldm_course.resnet_decoder import record_resnet_decoder, train_resnet_decoder
     run = _run_args(args, "resnet_decoder")
+    if args.beta is not None: run["beta"] = args.beta
     _, _, info = train_resnet_decoder(space=args.space or "latent", encoder=args.encoder or "course",
                                       vae=args.vae or "fmnist_vae", **run)
     ev = record_resnet_decoder(run["out"], n_prior=args.fid_n, command=f"{args.command_line} (sweep after training)", force=True)
@@ -333,6 +334,9 @@ def _train(args) -> dict:
     _positive(args, "epochs", "n-train", "fid-n")
     if args.fid_n is not None and args.fid_n < 2:   # found now, not after the training
         raise ValueError(f"--fid-n must be ≥ 2 (FID needs a covariance), got {args.fid_n}")
+    if args.beta is not None and (args.what != "resnet-decoder" or not math.isfinite(args.beta) or args.beta < 0):
+        raise ValueError(f"--beta (the KL weight) takes a number ≥ 0 and only with train resnet-decoder; got {args.beta} "
+                         f"with train {args.what}")
     return TRAIN[args.what](args)
 
 
@@ -465,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--n-train", type=int, default=None, help="ddpm, vae, latent: how many training images (default by scale)")
     t.add_argument("--fid-n", type=int, default=None, help="ddpm, latent: samples for the FID recorded after training")
-    t.add_argument("--resume", action="store_true", help="ddpm, vae, latent: continue from the checkpoint beside --out")
-    t.add_argument("--overwrite", action="store_true", help="ddpm, vae, latent: start a new run over the checkpoint beside --out")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    t.add_argument("--overwrite", action="store_true", help="start a new run over the checkpoint beside --out")
     t.add_argument("--out", default=None, help="weights file (.safetensors); default out/<what>.safetensors")
     t.add_argument("--dataset", default=None, choices=[*DATASETS, "bundled_mnist"],
                    help="what to train on (default: the course dataset, $LDM_COURSE_DATASET or fashion_mnist)")
@@ -476,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--space", default=None, choices=SPACES, help="resnet-decoder: where the decoder denoises (default latent)")
     t.add_argument("--encoder", default=None, choices=IMAGE_ENCODERS,
                    help="resnet-decoder: the image encoder (default course: the course's classifier; resnet18/34/50 download ImageNet weights)")
+    t.add_argument("--beta", type=float, default=None,
+                   help="resnet-decoder: weight of the KL term (default 1e-4; smaller lets z carry more of the image)")
     t.add_argument("--allow-fallback", action="store_true",
                    help="train on the bundled MNIST digits when --dataset is not available (without --dataset: always)")
     t.set_defaults(func=_train)

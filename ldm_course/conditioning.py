@@ -308,13 +308,8 @@ class ConditionalLatentDiffusion(LatentDiffusion):
 
 def load_conditional(name_or_path: str | Path, device: str | torch.device = "cpu") -> ConditionalLatentDiffusion:
     "A shipped conditional model by name (`fmnist_latent_class`, `fmnist_latent_text`, `catdog_latent_class`) or a file."
-    try:
-        _resolve_weights(name_or_path)
-    except FileNotFoundError:
-        names = sorted(f.stem for f in weights_dir().glob("*.safetensors") if "conditioning" in Pretrained.read_info(f))
-        raise FileNotFoundError(f"{str(name_or_path)!r} is neither a file nor a shipped conditional model; shipped: "
-                                f"{names}") from None
-    return ConditionalLatentDiffusion.from_pretrained(name_or_path, device)
+    path = _resolve_weights(name_or_path, lambda info: "conditioning" in info, "conditional model", "train_conditional")
+    return ConditionalLatentDiffusion.from_pretrained(path, device)
 
 # %% ../nbs/12_conditioning.ipynb #k032
 def train_conditional(kind: str = "class", vae: str = SHIPPED_VAE, dataset: str | None = None, text_encoder: str = "minilm",

@@ -178,7 +178,10 @@ def train_ddpm(dataset: str | None = None, config: str | dict | None = None, epo
 SHIPPED_DDPM = "fmnist_ddpm"  # the course's pixel-space DDPM, trained by `ldm-course --scale cpu train ddpm`
 
 
-def _resolve_weights(path: str | Path) -> Path:
+def _resolve_weights(path: str | Path, kind=None, what: str = "model", saved_by: str = "train_ddpm") -> Path:
+    """The file behind `path`: itself when it looks like a path, else the shipped `weights_dir()/<path>.safetensors`.
+    Every loader shares this lookup; an unknown name lists the shipped models of its `kind` (a JSON 'class' name,
+    or a test on the JSON) as `what`s, and says which function saves such a file (`saved_by`)."""
     if not str(path).strip():
         raise ValueError("the weights path is empty; give a shipped model name or a .safetensors file")
     p = Path(path)
@@ -187,9 +190,10 @@ def _resolve_weights(path: str | Path) -> Path:
     shipped = weights_dir() / f"{p.name}.safetensors"
     if shipped.exists():
         return shipped
-    names = sorted(f.stem for f in weights_dir().glob("*.safetensors"))
-    raise FileNotFoundError(f"{str(path)!r} is neither a file nor a shipped model; shipped models: {names} "
-                            f"(or give the path of a .safetensors file saved by train_ddpm)")
+    keep = kind if callable(kind) else (lambda info: info.get("class") == kind)
+    names = sorted(f.stem for f in weights_dir().glob("*.safetensors") if kind is None or keep(Pretrained.read_info(f)))
+    raise FileNotFoundError(f"{str(path)!r} is neither a file nor a shipped {what}; shipped {what}s: {names} "
+                            f"(or give the path of a .safetensors file saved by {saved_by})")
 
 
 def load_ddpm(path: str | Path = SHIPPED_DDPM, device: str | torch.device = "cpu") -> tuple[UNet, NoiseSchedule, dict]:

@@ -300,14 +300,7 @@ LatentDiffusion.from_pretrained = classmethod(_from_pretrained)
 def load_latent(name_or_path: str | Path = SHIPPED_LATENT, device: str | torch.device = "cpu") -> LatentDiffusion:
     """A trained `LatentDiffusion` in eval mode: a shipped name (`fmnist_latent`) or a file saved by
     `save_pretrained`. Unknown names list the shipped latent models."""
-    try:
-        _resolve_weights(name_or_path)
-    except FileNotFoundError:
-        names = sorted(f.stem for f in weights_dir().glob("*.safetensors")
-                       if Pretrained.read_info(f).get("class") == "LatentDiffusion")
-        raise FileNotFoundError(f"{str(name_or_path)!r} is neither a file nor a shipped latent model; shipped: {names} "
-                                f"(or give the path of a .safetensors file saved by train_latent)") from None
-    return LatentDiffusion.from_pretrained(name_or_path, device)
+    return LatentDiffusion.from_pretrained(_resolve_weights(name_or_path, "LatentDiffusion", "latent model", "train_latent"), device)
 
 # %% ../nbs/11_latent_diffusion.ipynb #l021
 def latent_recipe(scale: str | None = None) -> dict:

@@ -487,14 +487,8 @@ ResNetDiffusionVAE.from_pretrained = classmethod(_from_pretrained)
 
 def load_resnet_decoder(name_or_path: str | Path = SHIPPED_RESNET_DECODER, device: str | torch.device = "cpu") -> ResNetDiffusionVAE:
     "A trained `ResNetDiffusionVAE` in eval mode: a shipped name (`fmnist_resnet_decoder`) or a file."
-    try:
-        _resolve_weights(name_or_path)
-    except FileNotFoundError:
-        names = sorted(f.stem for f in weights_dir().glob("*.safetensors")
-                       if Pretrained.read_info(f).get("class") == "ResNetDiffusionVAE")
-        raise FileNotFoundError(f"{str(name_or_path)!r} is neither a file nor a shipped ResNet-decoder model; shipped: "
-                                f"{names} (or the path of a .safetensors file saved by train_resnet_decoder)") from None
-    return ResNetDiffusionVAE.from_pretrained(name_or_path, device)
+    path = _resolve_weights(name_or_path, "ResNetDiffusionVAE", "ResNet-decoder model", "train_resnet_decoder")
+    return ResNetDiffusionVAE.from_pretrained(path, device)
 
 # %% ../nbs/14_resnet_decoder.ipynb #r026
 def resnet_guidance(model: ResNetDiffusionVAE) -> float:

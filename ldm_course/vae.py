@@ -280,13 +280,7 @@ def load_vae(name_or_path: str | Path = SHIPPED_VAE, device: str | torch.device 
     """A trained `VAE` in eval mode: the name of a shipped model (`fmnist_vae`, ...) or the path of a `.safetensors`
     file / folder written by `save_pretrained` (with its JSON). Unknown names list the shipped VAEs."""
     from ldm_course.ddpm import _resolve_weights   # the shipped-name lookup every loader shares
-    try:
-        p = _resolve_weights(name_or_path)
-    except FileNotFoundError:
-        names = sorted(f.stem for f in weights_dir().glob("*.safetensors") if Pretrained.read_info(f).get("class") == "VAE")
-        raise FileNotFoundError(f"{str(name_or_path)!r} is neither a file nor a shipped VAE; shipped VAEs: {names} "
-                                f"(or give the path of a .safetensors file saved by VAE.save_pretrained)") from None
-    return VAE.from_pretrained(p, device)
+    return VAE.from_pretrained(_resolve_weights(name_or_path, "VAE", "VAE", "VAE.save_pretrained"), device)
 
 # %% ../nbs/09_vae.ipynb #c042
 # our parameter names → diffusers' AutoencoderKL names (applied in order)

@@ -246,3 +246,18 @@ def test_eval_cli_records_the_sweep_and_refuses_package_weights(tiny, tmp_path):
     assert [r["scale"] for r in info["guidance"]["sweep"]] == [1.0, 2.0] and "eval resnet-decoder" in info["guidance"]["command"]
     assert load_resnet_decoder(w).info["guidance"]["best_scale"] == res["best_scale"]
     assert "belongs to the installed package" in _cli_error(["eval", "resnet-decoder", "--record"])
+
+
+def test_cli_beta_is_checked_before_training():
+    "`train resnet-decoder --beta` sets the KL weight; a negative one, or --beta on another trainer, stops at once."
+    assert "--beta (the KL weight) takes a number ≥ 0" in _cli_error(["train", "resnet-decoder", "--beta", "-1"])
+    assert "only with train resnet-decoder" in _cli_error(["train", "latent", "--beta", "1e-5"])
+    assert "only with train resnet-decoder" in _cli_error(["train", "resnet-decoder", "--beta", "nan"])
+
+
+def test_cli_train_records_beta(tmp_path):
+    "The --beta given reaches the training and its JSON."
+    w = tmp_path / "b.safetensors"
+    res = run(["train", "resnet-decoder", "--beta", "2e-5", "--n-train", "32", "--fid-n", "4", "--out", str(w)])
+    info = json.loads(w.with_suffix(".json").read_text())
+    assert info["training"]["beta"] == 2e-5 and "--beta 2e-5" in info["training"]["command"] and res["weights"] == str(w)
