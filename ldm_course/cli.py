@@ -186,19 +186,20 @@ def _generate_from_image(args) -> dict:
 
 def _generate(args) -> dict:
     from ldm_course.ddpm import SHIPPED_DDPM, _resolve_weights
+    from ldm_course.conditioning import SHIPPED_CLASS_MODEL, SHIPPED_TEXT_MODEL
     if args.from_image is not None: return _generate_from_image(args)
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS, generate_latent
     from ldm_course.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_grid_n, generate
     if args.class_name is not None and args.prompt is not None: raise ValueError("give --class-name or --prompt, not both")
     asked = args.class_name is not None or args.prompt is not None
     if args.weights is None:   # a class or a prompt picks the course's conditional model
-        args.weights = "fmnist_latent_class" if args.class_name is not None else "fmnist_latent_text" if asked else SHIPPED_DDPM
+        args.weights = SHIPPED_CLASS_MODEL if args.class_name is not None else SHIPPED_TEXT_MODEL if asked else SHIPPED_DDPM
     weights = _resolve_weights(args.weights)   # an empty or unknown name fails before the output folder is made
     latent, conditional = _is_latent(weights), _is_conditional(weights)
     if conditional != asked:
         raise ValueError(f"{args.weights} is a conditional model: give --class-name or --prompt" if conditional else
-                         f"{args.weights} is unconditional: --class-name needs a class model (fmnist_latent_class, "
-                         f"catdog_latent_class), --prompt a text model (fmnist_latent_text)")
+                         f"{args.weights} is unconditional: --class-name needs a class model ({SHIPPED_CLASS_MODEL}, "
+                         f"catdog_latent_class), --prompt a text model ({SHIPPED_TEXT_MODEL})")
     if not conditional and (args.guidance is not None or args.negative_prompt is not None):
         raise ValueError("--guidance and --negative-prompt need a conditional model (--class-name or --prompt)")
     if not conditional and args.each: raise ValueError("--each is for conditional models (--class-name or --prompt)")
@@ -344,7 +345,8 @@ def _eval_guidance(args) -> dict:
     from ldm_course.files import save_json
     from ldm_course.guidance import GUIDANCE_SCALES, best_guidance, guidance_sweep, record_guidance, sweep_table
     from ldm_course.samplers import record_path
-    weights = args.weights or "fmnist_latent_class"
+    from ldm_course.conditioning import SHIPPED_CLASS_MODEL
+    weights = args.weights or SHIPPED_CLASS_MODEL
     if args.record: record_path(weights, args.force)   # refuses the package's own JSON without --force, before the work
     _check_seed(args.seed)
     _writable_file(args.json, "--json")
@@ -431,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ldm_course.latent import LATENT_SAMPLER, LATENT_STEPS
     from ldm_course.samplers import DEFAULT_RUNS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
     from ldm_course.resnet_decoder import IMAGE_ENCODERS, SPACES
+    from ldm_course.conditioning import SHIPPED_CLASS_MODEL, SHIPPED_TEXT_MODEL
     p = _Parser(prog="ldm-course", description="Latent Diffusion from Scratch: course commands")
     p.add_argument("--scale", choices=SCALES, help="override $LDM_COURSE_SCALE")
     p.add_argument("--threads", type=int, default=None,
@@ -443,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     g = sub.add_parser("generate", help="sample images from a DDPM or a latent model (PNG grid + denoising GIF)")
     g.add_argument("--weights", default=None, help=f"a shipped model name or a .safetensors file (default {SHIPPED_DDPM}; "
-                   "with --class-name fmnist_latent_class, with --prompt fmnist_latent_text)")
+                   f"with --class-name {SHIPPED_CLASS_MODEL}, with --prompt {SHIPPED_TEXT_MODEL})")
     g.add_argument("--class-name", default=None, help="class models: the class to draw (any case), e.g. sneaker, cat")
     g.add_argument("--prompt", default=None, help='text models: what to draw, e.g. "a photo of a sneaker"')
     g.add_argument("--guidance", type=float, default=None,
@@ -489,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("what", choices=["samplers", "guidance", "resnet-decoder"],
                    help="samplers: the FID/KID table of sampler × steps; guidance: FID and conditional accuracy per guidance scale; "
                         "resnet-decoder: guidance sweep, class agreement and FIDs of a ResNet-decoder model against the VAE")
-    e.add_argument("--weights", default=None, help=f"default {SHIPPED_DDPM} (samplers), fmnist_latent_class (guidance)")
+    e.add_argument("--weights", default=None, help=f"default {SHIPPED_DDPM} (samplers), {SHIPPED_CLASS_MODEL} (guidance)")
     e.add_argument("--scales", default=None, help="guidance: comma-separated scales (default 0,1,1.5,2,3,5,7.5)")
     e.add_argument("--max-fid", type=float, default=None,
                    help="guidance: the best scale must have FID ≤ this (default: the FID at scale 1, no guidance)")

@@ -22,10 +22,11 @@ from .unet import unet_config
 from .vae import SHIPPED_VAE
 
 # %% auto #0
-__all__ = ['FASHION_TEMPLATES', 'CAPTION_NAMES', 'CLIP_ID', 'MINILM_MAX_LENGTH', 'COURSE_CLASSIFIERS', 'class_index', 'class_ids',
-           'caption_name', 'make_caption', 'class_captions', 'TextEncoder', 'minilm_path', 'load_text_encoder',
-           'text_attention_levels', 'conditional_config', 'CaptionBank', 'ConditionCB', 'ConditionalLatentDiffusion',
-           'load_conditional', 'train_conditional', 'course_classifier']
+__all__ = ['FASHION_TEMPLATES', 'CAPTION_NAMES', 'CLIP_ID', 'MINILM_MAX_LENGTH', 'SHIPPED_CLASS_MODEL', 'SHIPPED_TEXT_MODEL',
+           'COURSE_CLASSIFIERS', 'class_index', 'class_ids', 'caption_name', 'make_caption', 'class_captions',
+           'TextEncoder', 'minilm_path', 'load_text_encoder', 'text_attention_levels', 'conditional_config',
+           'CaptionBank', 'ConditionCB', 'ConditionalLatentDiffusion', 'load_conditional', 'train_conditional',
+           'course_classifier']
 
 # %% ../nbs/12_conditioning.ipynb #k009
 def class_index(name_or_id: str | int, classes: Sequence[str]) -> int:
@@ -304,6 +305,10 @@ class ConditionalLatentDiffusion(LatentDiffusion):
     def __repr__(self) -> str:
         what = f"classes {self.classes}" if self.kind == "class" else f"text encoder {self.text_encoder_name!r}"
         return super().__repr__().replace("LatentDiffusion(", f"ConditionalLatentDiffusion({self.kind}: {what}; ", 1)
+
+
+SHIPPED_CLASS_MODEL = "fmnist_latent_class"   # the course's class-conditional latent model (Fashion-MNIST classes)
+SHIPPED_TEXT_MODEL = "fmnist_latent_text"     # the course's text-conditional latent model (Fashion-MNIST captions)
 
 
 def load_conditional(name_or_path: str | Path, device: str | torch.device = "cpu") -> ConditionalLatentDiffusion:

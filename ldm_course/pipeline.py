@@ -15,7 +15,7 @@ from PIL import Image
 from .schedules import NoiseSchedule
 from .unet import UNet
 from .vae import VAE, DiagonalGaussian
-from .conditioning import ConditionalLatentDiffusion, load_conditional
+from .conditioning import SHIPPED_TEXT_MODEL, ConditionalLatentDiffusion, load_conditional
 
 # %% auto #0
 __all__ = ['SD15_SCHEDULER_CONFIG', 'SCHEDULERS', 'OUTPUT_TYPES', 'tiny_sd_parts', 'ImageDiffusionModel', 'to_course_parts',
@@ -341,7 +341,7 @@ def course_model_parts(model: ConditionalLatentDiffusion | str | Path, device: s
                 use_attention_mask=True, image_size=model.image_size)
 
 
-def _from_course(cls, model: ConditionalLatentDiffusion | str | Path = "fmnist_latent_text",
+def _from_course(cls, model: ConditionalLatentDiffusion | str | Path = SHIPPED_TEXT_MODEL,
                  device: str | torch.device | None = None) -> ImageDiffusionModel:
     "An `ImageDiffusionModel` over a course text-to-image model's parts (`course_model_parts`): offline, on the CPU."
     return cls(**course_model_parts(model, device))
