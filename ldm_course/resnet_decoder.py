@@ -560,8 +560,8 @@ def sample_prior(n: int = 16, num_steps: int = LATENT_STEPS, guidance_scale: flo
 
 # %% ../nbs/14_resnet_decoder.ipynb #r028
 def resnet_decoder_recipe(scale: str | None = None) -> dict:
-    "`train_resnet_decoder`'s default sizes at a course `scale`: notebook 11's latent recipe, with 5 epochs at `cpu`."
-    return dict(config=by_scale("tiny", "mini", "small", scale), epochs=by_scale(1, 5, 60, scale),
+    "`train_resnet_decoder`'s default sizes at a course `scale`: notebook 11's latent recipe, with 12 epochs at `cpu`."
+    return dict(config=by_scale("tiny", "mini", "small", scale), epochs=by_scale(1, 12, 60, scale),
                 n_train=by_scale(256, None, None, scale), batch_size=by_scale(32, 128, 128, scale),
                 ema_decay=by_scale(0.9, 0.999, 0.9999, scale))
 
