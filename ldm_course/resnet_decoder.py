@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageDataset, by_scale, get_scale, load_dataset, to_float
-from .files import Pretrained, _weight_paths, hardware, load_tensors, save_json, save_tensors, weights_dir
+from .files import Pretrained, _weight_paths, hardware, load_tensors, save_json, save_tensors
 from .learner import Callback, check_checkpoint
 from .schedules import NoiseSchedule
 from .unet import UNet, count_params, unet_config
@@ -36,7 +36,7 @@ __all__ = ['IMAGE_MODES', 'TORCHVISION_ENCODERS', 'IMAGE_ENCODERS', 'IMAGENET_ME
            'generate_from_resnet', 'interpolate', 'sample_prior', 'resnet_decoder_recipe', 'ResNetConditionCB',
            'encoder_features', 'train_resnet_decoder', 'laplacian_sharpness', 'pairwise_distance',
            'evaluate_resnet_decoder', 'comparison_table', 'resnet_guidance_sweep', 'record_resnet_decoder',
-           'write_decodings']
+           'run_summary', 'write_decodings']
 
 # %% ../nbs/14_resnet_decoder.ipynb #r008
 IMAGE_MODES = {"1": "L", "L": "L", "LA": "LA", "P": "RGBA", "RGB": "RGB", "RGBA": "RGBA"}   # PIL mode → what we read
@@ -854,6 +854,20 @@ def record_resnet_decoder(weights: str | Path = SHIPPED_RESNET_DECODER, scales: 
         info["eval"] = {**ev, "command": command}
         save_json(info, json_path)
     return {**ev, "sweep": rows, "best_scale": best["scale"]}
+
+
+def run_summary(info: dict) -> dict:
+    """One trained model's row for comparing runs, read from its JSON after `record_resnet_decoder`: β, epochs, steps,
+    the held-out KL of the last epoch (nats per image), the default guidance scale and its sweep, class agreement,
+    FID against the inputs, diversity, prior-sample FID (with their sample counts) and the training command."""
+    missing = [k for k in ("training", "guidance", "eval") if k not in info]
+    if missing: raise ValueError(f"the model's JSON has no {missing}: measure it first with record_resnet_decoder "
+                                 f"(or ldm-course eval resnet-decoder --record)")
+    tr, ev, guidance = info["training"], info["eval"], info["guidance"]
+    kl = next(h["kl"] for h in reversed(tr["kl_history"]) if h["split"] == "valid")
+    return dict(beta=tr["beta"], epochs=tr["epochs"], steps=tr["steps"], kl=kl, best_scale=guidance["best_scale"],
+                agreement=ev["decoder"]["agreement"], fid_vs_inputs=ev["decoder"]["fid"], diversity=ev["decoder"]["diversity"],
+                prior_fid=ev["prior"]["fid"], n=ev["n"], n_prior=ev["prior"]["n"], sweep=guidance["sweep"], command=tr["command"])
 
 # %% ../nbs/14_resnet_decoder.ipynb #r049
 def write_decodings(image, weights: ResNetDiffusionVAE | str | Path = SHIPPED_RESNET_DECODER, n: int = 16,

@@ -274,3 +274,14 @@ def test_shipped_model_keeps_the_class():
     assert row["accuracy"] >= 0.75, row
     ev = model.info["eval"]
     assert ev["decoder"]["agreement"] >= 0.85 and ev["prior"]["fid"] <= load_latent("fmnist_latent").info["fid"]["fid"]
+
+
+def test_run_summary_rows_compare_like_with_like():
+    "`run_summary` reads a model's JSON into the row notebook 14 compares; the recorded β comparison has the same fields."
+    from ldm_course.resnet_decoder import run_summary
+    info = load_resnet_decoder().info
+    row = run_summary(info)
+    assert row["agreement"] == info["eval"]["decoder"]["agreement"] and row["prior_fid"] == info["eval"]["prior"]["fid"]
+    assert row["kl"] == [h["kl"] for h in info["training"]["kl_history"] if h["split"] == "valid"][-1]
+    assert all(set(row) <= set(other) for other in info["beta_comparison"])
+    with pytest.raises(ValueError, match="measure it first"): run_summary({"training": info["training"]})   # not yet evaluated
